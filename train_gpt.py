@@ -31,6 +31,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+PROCESS_START = time.time()  # launch -> first timed step is reported (cold-start cost)
+
 # =====================================================================================================
 # 1. Configuration
 # =====================================================================================================
@@ -1156,6 +1158,7 @@ def main() -> None:
     def validate(step: int, train_ms: float):
         pass
 
+    ctx.log(f"training_start: {time.time() - PROCESS_START:.1f}s after launch")
     stats = train(hp, ctx, trainer, budget_ms, validate)
     summary.update(steps=stats["steps"], looping_enabled_step=stats["looping_enabled_step"],
                    train_time_s=stats["train_ms"] / 1000)
