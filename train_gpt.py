@@ -1020,7 +1020,8 @@ def train(hp: Hyperparameters, ctx: RunContext, trainer: Trainer, budget_ms: flo
         ema.update()
         step += 1
         loss_value = loss.item()  # syncs; the wallclock check below needs a sync anyway
-        train_ms = 1000 * (time.perf_counter() - t0)
+        last_step_ms = 1000 * (time.perf_counter() - t0) - train_ms
+        train_ms += last_step_ms
         if not math.isfinite(loss_value):
             ctx.log(f"error: non-finite training loss {loss_value} at step {step}; stopping. Lower MATRIX_LR / "
                     "TIED_EMBED_LR or check the data. The log and metrics so far are kept.")
@@ -1037,8 +1038,10 @@ def train(hp: Hyperparameters, ctx: RunContext, trainer: Trainer, budget_ms: flo
             validate(step, train_ms)
             t0 += time.perf_counter() - v0  # validation time is not training time
         if budget_ms > 0:
-            mean_step_ms = train_ms / step
-            if all_reduce_max(ctx, train_ms + mean_step_ms) > budget_ms:
+            # The next step costs about as much as the slower of the mean and the last one (looping makes steps
+            # slower at once, which the mean would notice late).
+            next_step_ms = max(train_ms / step, last_step_ms)
+            if all_reduce_max(ctx, train_ms + next_step_ms) > budget_ms:
                 stop_reason = "wallclock_cap"
                 break
     if stop_reason == "wallclock_cap":
