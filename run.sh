@@ -121,7 +121,7 @@ for s in "${seed_list[@]}"; do
   mkdir -p "$d"
   say "seed $s: running (log: $d/console.log)"
   t0=$(date +%s)
-  SEED="$s" RUN_ID="${NAME}_seed$s" ARTIFACT_DIR="$d" \
+  SEED="$s" RUN_ID="${NAME}_seed$s" ARTIFACT_DIR="$d" PYTHONUNBUFFERED=1 \
     timeout --kill-after=60 "$SEED_TIMEOUT" "${launch[@]}" > "$d/console.log" 2>&1
   rc=$?
   wall=$(( $(date +%s) - t0 ))
