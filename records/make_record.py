@@ -71,15 +71,20 @@ def load_module(path: str | os.PathLike, name: str):
     return module
 
 
-_TRAIN_GPT = None
+_TRAIN_GPT = []
 
 
 def train_gpt():
-    """The repository's train_gpt.py as a module: wrap_source, unwrap_source, minify_source, counted_code_bytes."""
-    global _TRAIN_GPT
-    if _TRAIN_GPT is None:
-        _TRAIN_GPT = load_module(REPO_ROOT / "train_gpt.py", "train_gpt")
-    return _TRAIN_GPT
+    """The repository's train_gpt.py as a module: wrap_source, unwrap_source, minify_source, counted_code_bytes.
+
+    An already imported `train_gpt` of this repository is reused rather than loaded a second time."""
+    if not _TRAIN_GPT:
+        path = (REPO_ROOT / "train_gpt.py").resolve()
+        mod = sys.modules.get("train_gpt")
+        if mod is None or Path(getattr(mod, "__file__", "") or "").resolve() != path:
+            mod = load_module(path, "train_gpt" if mod is None else "_records_train_gpt")
+        _TRAIN_GPT.append(mod)
+    return _TRAIN_GPT[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -205,12 +210,22 @@ def coverage_of(run: SeedRun, label: str) -> dict:
     return {**run.log["coverage"].get(label, {}), **{k: v for k, v in cov.items() if v is not None}}
 
 
+def incomplete_reason(run: SeedRun) -> str:
+    rc = (run.run_status or {}).get("rc")
+    if run.status == "timeout":
+        why = "timed out"
+    elif run.summary is None:
+        why = "wrote no summary.json"
+    else:
+        missing = [k for k in ("val_loss", "val_bpb", "final_label", "evals", "total_bytes") if k not in run.summary]
+        why = f"summary.json lacks {', '.join(missing)}" if missing else "summary.json has no final val_loss"
+    return f"seed {run.seed} {why} (exit code {rc}); see {run.dir / 'console.log'}"
+
+
 def check_seed(run: SeedRun, cap: int = SIZE_CAP_BYTES) -> list[Check]:
     """The per-seed rules: budgets, coverage, score-first TTT, hardware, and that the log agrees with summary.json."""
     if not run.completed:
-        rc = (run.run_status or {}).get("rc")
-        why = "timed out" if run.status == "timeout" else ("no summary.json" if run.summary is None else "no final val_loss")
-        return [Check("completed", False, f"seed {run.seed} {why} (exit code {rc}); see {run.dir / 'console.log'}")]
+        return [Check("completed", False, incomplete_reason(run))]
     checks = [Check("completed", True)]
     total = run.get("total_bytes")
     checks.append(Check("artifact_under_16mb", total is not None and total <= cap,
@@ -784,8 +799,7 @@ def assemble(runs_dir: str | os.PathLike, *, name: str | None = None, out_root: 
         raise SystemExit(f"error: no seed_<S> folders in {runs_dir}")
     done = [r for r in runs if r.completed]
     if not done:
-        raise SystemExit(f"error: no seed in {runs_dir} completed: "
-                         + "; ".join(f"seed {r.seed} {r.status}" for r in runs))
+        raise SystemExit(f"error: no seed in {runs_dir} completed: " + "; ".join(incomplete_reason(r) for r in runs))
     run_info = read_json(runs_dir / "run_info.json") or {}
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", name or run_info.get("name") or runs_dir.name).strip("_") or "run"
     date = date or datetime.date.today().isoformat()
