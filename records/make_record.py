@@ -374,13 +374,12 @@ def hyperparameter_overrides(script: Path, runs: list[SeedRun]) -> dict[str, str
     hp = config_of(runs[0]) if runs else {}
     if not hp:
         return None
+    out = {"SMOKE": "1"} if int((runs[0].get("hyperparameters") or {}).get("smoke", 0) or 0) else {}
     try:
         module = load_module(script, "train_gpt_for_defaults")
-        smoke = int((runs[0].get("hyperparameters") or {}).get("smoke", 0) or 0)
-        base = dataclasses.asdict(module.load_hyperparameters({"SMOKE": "1"} if smoke else {}))
+        base = dataclasses.asdict(module.load_hyperparameters(dict(out)))
     except Exception:  # a script without load_hyperparameters: no way to know its defaults
         return None
-    out = {"SMOKE": "1"} if int((runs[0].get("hyperparameters") or {}).get("smoke", 0) or 0) else {}
     for key, value in sorted(hp.items()):
         if key in base and not values_equal(base[key], value):
             out[key.upper()] = str(int(value)) if isinstance(value, bool) else str(value)
