@@ -722,7 +722,8 @@ def render_readme(rec: Record) -> str:
               f"{env}SEEDS={seeds} NAME={sub['name']} ./run.sh",
               "# or one seed from inside this folder",
               f"cd {folder_rel}",
-              f"{env}DATA_DIR={data_dir} SEED={rec.runs[0].seed} {one_seed}", "```", ""]
+              f"{env}{'' if 'SMOKE' in rec.overrides else f'DATA_DIR={data_dir} '}SEED={rec.runs[0].seed} {one_seed}",
+              "```", ""]
     if rec.run_info:
         lines += [f"Runs made from commit `{rec.run_info.get('git_commit', '?')}`"
                   + (" (with uncommitted changes to the script)" if rec.run_info.get("git_dirty") else "")
@@ -863,7 +864,7 @@ def print_report(result: dict) -> None:
     for seed, r in sub["seed_results"].items():
         if "val_bpb" in r:
             print(f"  seed {seed}: val_bpb {r['val_bpb']:.8f} val_loss {r['val_loss']:.8f} total {r['total_bytes']} B "
-                  f"train {r['train_time_s']} s eval {r['eval_time_s']} s", file=stream_ok)
+                  f"train {fmt(r['train_time_s'], '.1f')} s eval {fmt(r['eval_time_s'], '.1f')} s", file=stream_ok)
         else:
             print(f"  seed {seed}: {r['status']} (exit code {r['rc']})", file=stream_ok)
     print(f"  mean val_bpb {sub['val_bpb']:.8f} (std {sub['val_bpb_std']:.8f}), val_loss {sub['val_loss']:.8f}",
