@@ -30,6 +30,7 @@ die() { printf '[run.sh] PREFLIGHT FAILED: %s\n' "$*" >&2; exit 2; }
 IFS=',' read -r -a seed_list <<< "${SEEDS// /}"
 [ "${#seed_list[@]}" -gt 0 ] || die "SEEDS is empty"
 for s in "${seed_list[@]}"; do [[ "$s" =~ ^[0-9]+$ ]] || die "SEEDS must be comma-separated integers, got '$SEEDS'"; done
+[[ "$NAME" =~ ^[A-Za-z0-9_.-]+$ ]] || die "NAME may hold only letters, digits, '_', '.' and '-', got '$NAME'"
 [[ "$SEED_TIMEOUT" =~ ^[0-9]+$ ]] || die "SEED_TIMEOUT must be a whole number of seconds, got '$SEED_TIMEOUT'"
 [ -f "$TRAIN_SCRIPT" ] || die "$TRAIN_SCRIPT not found in $(pwd)"
 command -v "$PYTHON" >/dev/null || die "$PYTHON not found (set PYTHON=...)"
