@@ -100,7 +100,8 @@ class DocReader:
                 yield text
 
 
-def batches(docs, max_chars: int = BATCH_CHARS):
+def batches(docs, max_chars: int | None = None):
+    max_chars = max_chars or BATCH_CHARS
     batch, chars = [], 0
     for text in docs:
         batch.append(text)
@@ -454,8 +455,8 @@ def build(args: argparse.Namespace) -> dict:
 
     docs_val = min(args.num_val_docs, docs)
     if docs == docs_val:
-        raise SystemExit(f"input error: {args.input} has {docs} docs, none left for training after "
-                         f"--num-val-docs {args.num_val_docs}")
+        print(f"note: all {docs:,} docs went to validation (--num-val-docs {args.num_val_docs}); no train shards",
+              flush=True)
     files_val = sum(s["split"] == "val" for s in writer.shards)
     stats = {"docs_total": docs, "docs_val": docs_val, "docs_train": docs - docs_val,
              "files_total": len(writer.shards), "files_val": files_val, "files_train": len(writer.shards) - files_val,
