@@ -52,7 +52,7 @@ def repo_config() -> tuple[str, str, str]:
     """(repo id, remote root prefix, endpoint) from the environment, read at call time."""
     repo_id = os.environ.get("MATCHED_FINEWEB_REPO_ID") or DEFAULT_REPO_ID
     root = os.environ.get("MATCHED_FINEWEB_REMOTE_ROOT_PREFIX", DEFAULT_REMOTE_ROOT).strip("/")
-    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    endpoint = os.environ.get("HF_ENDPOINT", "").rstrip("/") or "https://huggingface.co"
     return repo_id, root, endpoint
 
 
@@ -124,7 +124,8 @@ class Hub:
                f"{DEFAULT_REPO_ID}, sp8192: {SP8192_REPO_ID})")
         try:
             return Path(hf_hub_download(repo_id=self.repo_id, filename=remote, repo_type="dataset",
-                                        endpoint=os.environ.get("HF_ENDPOINT") or None, force_download=force))
+                                        endpoint=os.environ.get("HF_ENDPOINT", "").rstrip("/") or None,
+                                        force_download=force))
         except errors.GatedRepoError as e:
             raise DownloadError(f"{self.repo_id} is gated: accept its terms on the hub and log in (HF_TOKEN). ({e})")
         except errors.RepositoryNotFoundError:
