@@ -201,9 +201,14 @@ class ShardWriter:
 # ---------------------------------------------------------------------------------------------------------------
 
 def piece_count(model_path: str | os.PathLike) -> int:
+    """The model's vocabulary size, after checking it uses the BOS id the shards and trainers assume."""
     import sentencepiece as spm
 
-    return spm.SentencePieceProcessor(model_file=str(model_path)).get_piece_size()
+    sp = spm.SentencePieceProcessor(model_file=str(model_path))
+    if sp.bos_id() != BOS_ID:
+        raise SystemExit(f"tokenizer error: {model_path} has bos_id {sp.bos_id()}; shards and trainers use "
+                         f"BOS id {BOS_ID} (the challenge recipe: pad/bos/eos/unk = 0/1/2/3)")
+    return sp.get_piece_size()
 
 
 def install_tokenizer(src: Path, dest_model: Path) -> str | None:
