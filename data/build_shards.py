@@ -100,7 +100,8 @@ class DocReader:
                 yield text
 
 
-def batches(docs, max_chars: int = BATCH_CHARS):
+def batches(docs, max_chars: int | None = None):
+    max_chars = max_chars or BATCH_CHARS
     batch, chars = [], 0
     for text in docs:
         batch.append(text)
@@ -200,9 +201,14 @@ class ShardWriter:
 # ---------------------------------------------------------------------------------------------------------------
 
 def piece_count(model_path: str | os.PathLike) -> int:
+    """The model's vocabulary size, after checking it uses the BOS id the shards and trainers assume."""
     import sentencepiece as spm
 
-    return spm.SentencePieceProcessor(model_file=str(model_path)).get_piece_size()
+    sp = spm.SentencePieceProcessor(model_file=str(model_path))
+    if sp.bos_id() != BOS_ID:
+        raise SystemExit(f"tokenizer error: {model_path} has bos_id {sp.bos_id()}; shards and trainers use "
+                         f"BOS id {BOS_ID} (the challenge recipe: pad/bos/eos/unk = 0/1/2/3)")
+    return sp.get_piece_size()
 
 
 def install_tokenizer(src: Path, dest_model: Path) -> str | None:
@@ -454,8 +460,8 @@ def build(args: argparse.Namespace) -> dict:
 
     docs_val = min(args.num_val_docs, docs)
     if docs == docs_val:
-        raise SystemExit(f"input error: {args.input} has {docs} docs, none left for training after "
-                         f"--num-val-docs {args.num_val_docs}")
+        print(f"note: all {docs:,} docs went to validation (--num-val-docs {args.num_val_docs}); no train shards",
+              flush=True)
     files_val = sum(s["split"] == "val" for s in writer.shards)
     stats = {"docs_total": docs, "docs_val": docs_val, "docs_train": docs - docs_val,
              "files_total": len(writer.shards), "files_val": files_val, "files_train": len(writer.shards) - files_val,

@@ -48,11 +48,11 @@ class DownloadError(SystemExit):
         super().__init__(f"download error: {message}")
 
 
-def repo_config() -> tuple[str, str, str]:
-    """(repo id, remote root prefix, endpoint) from the environment, read at call time."""
+def repo_config() -> tuple[str, str, str | None]:
+    """(repo id, remote root prefix, HF_ENDPOINT or None) from the environment, read at call time."""
     repo_id = os.environ.get("MATCHED_FINEWEB_REPO_ID") or DEFAULT_REPO_ID
     root = os.environ.get("MATCHED_FINEWEB_REMOTE_ROOT_PREFIX", DEFAULT_REMOTE_ROOT).strip("/")
-    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    endpoint = os.environ.get("HF_ENDPOINT", "").rstrip("/") or None
     return repo_id, root, endpoint
 
 
@@ -109,7 +109,8 @@ class Hub:
     """Fetches <root>/<rel> of the dataset repo through the HuggingFace cache, with errors that say what to do."""
 
     def __init__(self, local_dir: Path):
-        self.repo_id, self.root, self.endpoint = repo_config()
+        self.repo_id, self.root, self.endpoint_arg = repo_config()
+        self.endpoint = self.endpoint_arg or "https://huggingface.co"
         self.local_dir = local_dir
 
     def remote(self, rel: str) -> str:
@@ -124,7 +125,7 @@ class Hub:
                f"{DEFAULT_REPO_ID}, sp8192: {SP8192_REPO_ID})")
         try:
             return Path(hf_hub_download(repo_id=self.repo_id, filename=remote, repo_type="dataset",
-                                        endpoint=os.environ.get("HF_ENDPOINT") or None, force_download=force))
+                                        endpoint=self.endpoint_arg, force_download=force))
         except errors.GatedRepoError as e:
             raise DownloadError(f"{self.repo_id} is gated: accept its terms on the hub and log in (HF_TOKEN). ({e})")
         except errors.RepositoryNotFoundError:
@@ -195,12 +196,14 @@ def load_manifest(hub: Hub, skip_manifest: bool) -> dict:
                 f"{path} is stale: it came from {recorded.get('repo_id')} (root {recorded.get('remote_root')!r}), not "
                 f"{hub.repo_id} (root {hub.root!r}). Delete it (rm {path} {source_path}) or run without --skip-manifest.")
     else:
-        hub.fetch(MANIFEST_NAME, path)
+        hub.fetch(MANIFEST_NAME, path, force=path.exists() and not is_valid(path))
+        if not is_valid(path):  # the cached copy was damaged
+            hub.fetch(MANIFEST_NAME, path, force=True)
         if read_json(source_path) != source:
             train_gpt.atomic_write_bytes(source_path, (json.dumps(source) + "\n").encode())
     manifest = read_json(path)
     if not isinstance(manifest, dict):
-        raise DownloadError(f"{path} is not a manifest (not a JSON object); delete it and run again")
+        raise DownloadError(f"{path} is not a manifest (not a JSON object); delete it and run without --skip-manifest")
     return manifest
 
 

@@ -255,12 +255,15 @@ def test_corrupted_local_shard_is_fetched_again(hub, tmp_path, download):
         f.truncate(len(good) - 10)
     with open(local_shard(tmp_path, "val", 0), "r+b") as f:  # bad magic, right size
         f.write(b"\0\0\0\0")
+    with open(tmp_path / "data" / "manifest.json", "r+b") as f:  # hard-linked too: the cached copy breaks as well
+        f.truncate(10)
     hub.requests.clear()
     r = download("--train-shards", "2")
     assert r.returncode == 0, r.stderr
     assert sorted(hub.gets(".bin")) == sorted([f"datasets/datasets/{DATASET}/fineweb_train_000001.bin",
                                                f"datasets/datasets/{DATASET}/fineweb_val_000000.bin"])
     assert local_shard(tmp_path, "train", 1).read_bytes() == good
+    assert (tmp_path / "data" / "manifest.json").read_bytes() == hub.files["datasets/manifest.json"]
     assert train_gpt.read_shard_header(local_shard(tmp_path, "val", 0)) > 0
 
 
