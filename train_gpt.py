@@ -31,6 +31,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+PROCESS_START = time.time()  # launch -> first timed step is reported (cold-start cost)
+
 # =====================================================================================================
 # 1. Configuration
 # =====================================================================================================
@@ -128,7 +130,7 @@ class Hyperparameters:
 SMOKE_DEFAULTS = dict(
     vocab_size=512, num_layers=6, model_dim=64, num_heads=4, num_kv_heads=2, mlp_mult=2.0, rope_dims=8,
     xsa_last_n=6, loop_start=2, loop_end=3, parallel_residual_start=4, train_seq_len=128, eval_seq_len=128,
-    train_batch_tokens=4096, val_batch_tokens=4096, max_wallclock_seconds=12.0, warmup_steps=2,
+    train_batch_tokens=2048, val_batch_tokens=4096, max_wallclock_seconds=12.0, warmup_steps=2,
     train_log_every=10, val_loss_every=0, gptq_calibration_batches=2, gptq_reserve_seconds=0.0,
     eval_stride=32, ttt_chunk_tokens=1024, ttt_epochs=1, compile=0, muon_momentum_warmup_steps=20,
     matrix_lr=0.03, tied_embed_lr=0.05, scalar_lr=0.03, embed_bits=8,
@@ -330,7 +332,8 @@ def train_sentencepiece(docs, model_prefix: str, vocab_size: int, **overrides) -
                 split_digits=True, normalization_rule_name="nmt_nfkc", add_dummy_prefix=False, pad_id=0, bos_id=1,
                 eos_id=2, unk_id=3, hard_vocab_limit=False, num_threads=os.cpu_count() or 1)
     args.update(overrides)
-    spm.SentencePieceTrainer.train(sentence_iterator=sentences(), model_prefix=model_prefix, **args)
+    with open(os.devnull, "w") as quiet:
+        spm.SentencePieceTrainer.train(sentence_iterator=sentences(), model_prefix=model_prefix, logstream=quiet, **args)
     return model_prefix + ".model"
 
 
@@ -477,14 +480,573 @@ def counted_code_bytes(script_path: str) -> tuple[int, str]:
 # =====================================================================================================
 
 
+def rms_norm(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class RMSNorm(nn.Module):
+    """Weightless RMSNorm; a module (not a function) so that GPTQ calibration can hook the final norm's output."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return rms_norm(x)
+
+
+class CastedLinear(nn.Linear):
+    """fp32 master weight, matmul in the activation dtype (bf16 under autocast). No bias anywhere in the model."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight.to(x.dtype))
+
+
+class Rotary(nn.Module):
+    """Partial RoPE on the first `dims` channels of each head, half-split pairing, tables cached per length."""
+
+    def __init__(self, dims: int, base: float):
+        super().__init__()
+        self.dims = dims
+        self.register_buffer("inv_freq", base ** (-torch.arange(0, dims, 2, dtype=torch.float32) / dims), persistent=False)
+        self._cache: dict = {}
+
+    def forward(self, x: Tensor) -> Tensor:  # x: [B, T, H, D]
+        T = x.size(1)
+        key = (T, x.device, x.dtype)
+        if key not in self._cache:
+            freqs = torch.outer(torch.arange(T, device=x.device, dtype=torch.float32), self.inv_freq.to(x.device))
+            self._cache[key] = (freqs.cos()[None, :, None, :].to(x.dtype), freqs.sin()[None, :, None, :].to(x.dtype))
+        cos, sin = self._cache[key]
+        half = self.dims // 2
+        a, b, rest = x[..., :half], x[..., half:self.dims], x[..., self.dims:]
+        return torch.cat((a * cos + b * sin, b * cos - a * sin, rest), dim=-1)
+
+
+def _pick_attention_backend() -> str:
+    """FA3 if importable; else on CUDA the fastest SDPA backend that does GQA natively (timed); 'math' on CPU."""
+    try:
+        import flash_attn_interface  # noqa: F401
+
+        return "fa3"
+    except ImportError:
+        pass
+    if not torch.cuda.is_available():
+        return "sdpa_math"
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.randn(4, 8, 2048, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(4, 4, 2048, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn_like(k, requires_grad=True)
+    timings = {}
+    for name, backend in (("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa_flash", SDPBackend.FLASH_ATTENTION),
+                          ("sdpa_efficient", SDPBackend.EFFICIENT_ATTENTION)):
+        try:
+            with sdpa_kernel(backend):
+                for i in range(13):
+                    if i == 3:
+                        torch.cuda.synchronize()
+                        t0 = time.perf_counter()
+                    F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).sum().backward()
+                torch.cuda.synchronize()
+            timings[name] = (time.perf_counter() - t0) / 10
+        except RuntimeError:
+            continue
+    return min(timings, key=timings.get) if timings else "sdpa_math"
+
+
+ATTENTION_BACKEND = None  # chosen once per process by configure_attention()
+
+
+def configure_attention(backend: str | None = None) -> str:
+    global ATTENTION_BACKEND
+    ATTENTION_BACKEND = backend or _pick_attention_backend()
+    return ATTENTION_BACKEND
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """q: [B, T, H, D]; k, v: [B, T, Hkv, D] -> [B, T, H, D]. GQA without materializing repeated K/V."""
+    if ATTENTION_BACKEND == "fa3":
+        import flash_attn_interface
+
+        out = flash_attn_interface.flash_attn_func(q, k, v, causal=True)
+        return out[0] if isinstance(out, tuple) else out
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                       enable_gqa=True)
+    return y.transpose(1, 2)
+
+
+def sdpa_context():
+    """Restrict SDPA to the chosen backend (no-op for FA3 and on CPU)."""
+    from contextlib import nullcontext
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"sdpa_cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa_flash": SDPBackend.FLASH_ATTENTION,
+               "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION}.get(ATTENTION_BACKEND)
+    return sdpa_kernel(backend) if backend is not None else nullcontext()
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, rope_dims: int, rope_base: float,
+                 qk_gain_init: float, xsa: bool):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, dim // num_heads
+        self.c_q = CastedLinear(dim, dim)
+        self.c_k = CastedLinear(dim, num_kv_heads * self.head_dim)
+        self.c_v = CastedLinear(dim, num_kv_heads * self.head_dim)
+        self.proj = CastedLinear(dim, dim)
+        self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init, dtype=torch.float32))
+        self.rotary = Rotary(rope_dims, rope_base)
+        self.xsa = xsa
+
+    def forward(self, u: Tensor) -> Tensor:
+        B, T, _ = u.shape
+        q = self.c_q(u).view(B, T, self.num_heads, self.head_dim)
+        k = self.c_k(u).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.c_v(u).view(B, T, self.num_kv_heads, self.head_dim)
+        q, k = self.rotary(rms_norm(q)), self.rotary(rms_norm(k))  # QK-norm, then partial RoPE
+        q = q * self.q_gain.to(q.dtype)[None, None, :, None]
+        y = causal_attention(q, k, v)
+        if self.xsa:
+            # Exclusive self-attention: remove from each head's output its component along the token's own value.
+            group = self.num_heads // self.num_kv_heads
+            y = y.view(B, T, self.num_kv_heads, group, self.head_dim)
+            vn = F.normalize(v, dim=-1).unsqueeze(3)
+            y = (y - (y * vn).sum(-1, keepdim=True) * vn).view(B, T, self.num_heads, self.head_dim)
+        return self.proj(y.reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc = CastedLinear(dim, hidden)
+        self.proj = CastedLinear(hidden, dim)
+
+    def forward(self, u: Tensor) -> Tensor:
+        return self.proj(F.leaky_relu(self.fc(u), 0.5).square())
+
+
+class Block(nn.Module):
+    def __init__(self, hp: Hyperparameters, layer: int):
+        super().__init__()
+        dim = hp.model_dim
+        self.attn = Attention(dim, hp.num_heads, hp.num_kv_heads, hp.rope_dims, hp.rope_base, hp.qk_gain_init,
+                              xsa=layer >= hp.num_layers - hp.xsa_last_n)
+        self.mlp = MLP(dim, int(hp.mlp_mult * dim))
+        self.attn_scale = nn.Parameter(torch.ones(dim))
+        self.mlp_scale = nn.Parameter(torch.ones(dim))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
+        self.ln_scale = 1.0 / math.sqrt(layer + 1)
+        self.parallel = 0 <= hp.parallel_residual_start <= layer
+
+    def forward(self, x: Tensor, x0: Tensor) -> Tensor:
+        mix = self.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        if self.parallel:  # GPT-J style: attention and MLP read the same normalized input
+            u = rms_norm(x) * self.ln_scale
+            return x + self.attn_scale.to(x.dtype) * self.attn(u) + self.mlp_scale.to(x.dtype) * self.mlp(u)
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.ln_scale)
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.ln_scale)
+
+
+def layer_schedule(num_layers: int, loop_start: int, loop_end: int, num_loops: int, looping: bool):
+    """(encoder, decoder) physical-layer lists: the virtual depth order split in half (floor)."""
+    order = list(range(num_layers))
+    if looping and num_loops > 0:
+        segment = list(range(loop_start, loop_end + 1))
+        order = order[:loop_start] + segment * (num_loops + 1) + order[loop_end + 1:]
+    half = len(order) // 2
+    return order[:half], order[half:]
+
+
+class GPT(nn.Module):
+    def __init__(self, hp: Hyperparameters):
+        super().__init__()
+        self.softcap = hp.logit_softcap
+        self.tok_emb = nn.Embedding(hp.vocab_size, hp.model_dim)
+        self.blocks = nn.ModuleList(Block(hp, i) for i in range(hp.num_layers))
+        self.final_norm = RMSNorm()
+        sched = lambda looping: layer_schedule(hp.num_layers, hp.loop_start, hp.loop_end, hp.num_loops, looping)
+        self.schedules = {False: sched(False), True: sched(True)}
+        enc, dec = self.schedules[hp.num_loops > 0]
+        num_skips = min(len(enc), len(dec))
+        self.skip_weights = nn.Parameter(torch.ones(num_skips, hp.model_dim))
+        self.skip_gates = nn.Parameter(torch.zeros(num_skips, hp.model_dim))
+        self.looping = False
+        self._init_weights(hp.tied_embed_init_std)
+
+    @torch.no_grad()
+    def _init_weights(self, embed_std: float):
+        nn.init.normal_(self.tok_emb.weight, std=embed_std)
+        for name, m in self.named_modules():
+            if isinstance(m, CastedLinear):
+                if name.endswith(".proj"):  # output projections start at zero: every block begins as identity
+                    nn.init.zeros_(m.weight)
+                elif min(m.weight.shape) >= 64:
+                    nn.init.orthogonal_(m.weight)
+                else:
+                    nn.init.normal_(m.weight, std=m.weight.size(1) ** -0.5)
+
+    def hidden(self, ids: Tensor) -> Tensor:
+        x = x0 = rms_norm(self.tok_emb(ids))
+        encoder, decoder = self.schedules[self.looping]
+        skips = []
+        for i in encoder:
+            x = self.blocks[i](x, x0)
+            skips.append(x)
+        for k, i in enumerate(decoder):
+            if k < self.skip_weights.size(0) and skips:
+                g = torch.sigmoid(self.skip_gates[k]).to(x.dtype)
+                x = g * x + (1 - g) * (self.skip_weights[k].to(x.dtype) * skips.pop())
+            x = self.blocks[i](x, x0)
+        return self.final_norm(x)
+
+    def forward_logits(self, ids: Tensor) -> Tensor:
+        h = self.hidden(ids)
+        z = F.linear(h, self.tok_emb.weight.to(h.dtype))  # tied head
+        return self.softcap * torch.tanh(z.float() / self.softcap)
+
+    def forward(self, ids: Tensor, targets: Tensor) -> Tensor:
+        logits = self.forward_logits(ids)
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+
+
+CONTROL_PARAM_NAMES = ("q_gain", "attn_scale", "mlp_scale", "resid_mix", "skip_weights", "skip_gates")
+
+
+def build_model(hp: Hyperparameters, device) -> GPT:
+    """bf16 embedding; fp32 linear weights and control tensors (they are small and sensitive)."""
+    model = GPT(hp).to(device)
+    model.tok_emb.weight.data = model.tok_emb.weight.data.to(torch.bfloat16 if device.type == "cuda" else torch.float32)
+    return model
+
+
 # =====================================================================================================
 # 4. Optimizers
 # =====================================================================================================
+
+# Newton-Schulz iteration X <- aX + (bA + cA^2)X, A = XX^T. Polar Express (#1787) uses one tuned (a, b, c) per
+# iteration; further iterations repeat the last tuple. MUON_POLAR_EXPRESS=0 gives the records' fixed quintic.
+POLAR_EXPRESS_COEFFS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+QUINTIC_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz(G: Tensor, steps: int, polar_express: bool) -> Tensor:
+    """Approximate orthogonal polar factor of each matrix in a batch [n, rows, cols], in bf16."""
+    X = G.bfloat16()
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    tall = X.size(-2) > X.size(-1)
+    if tall:
+        X = X.mT
+    for i in range(steps):
+        a, b, c = POLAR_EXPRESS_COEFFS[min(i, len(POLAR_EXPRESS_COEFFS) - 1)] if polar_express else QUINTIC_COEFFS
+        A = X @ X.mT
+        X = a * X + (b * A + c * (A @ A)) @ X
+    return X.mT if tall else X
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon with Nesterov momentum, MuonEq-R row normalization, batched Newton-Schulz and decoupled weight decay.
+
+    Matrices of one shape form a param group. Each rank orthogonalizes a contiguous share of every group and one
+    all-gather per group gives every rank every update, so the work is split without DDP-style duplication.
+    """
+
+    def __init__(self, params, lr: float, momentum: float, weight_decay: float, backend_steps: int,
+                 row_normalize: bool, polar_express: bool, rank: int = 0, world_size: int = 1, compile_ns: bool = False):
+        by_shape: dict = {}
+        for p in params:
+            by_shape.setdefault(tuple(p.shape), []).append(p)
+        groups = [dict(params=ps) for ps in by_shape.values()]
+        super().__init__(groups, dict(lr=lr, base_lr=lr, momentum=momentum, weight_decay=weight_decay))
+        self.backend_steps, self.row_normalize, self.polar_express = backend_steps, row_normalize, polar_express
+        self.rank, self.world_size = rank, world_size
+        self.ns = torch.compile(newton_schulz, fullgraph=True, dynamic=False) if compile_ns else newton_schulz
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params = group["params"]
+            lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+            share = -(-len(params) // self.world_size)
+            mine = params[self.rank * share:(self.rank + 1) * share]
+            rows, cols = params[0].shape
+            local = torch.zeros(share, rows, cols, device=params[0].device, dtype=torch.bfloat16)
+            if mine:
+                grads = [p.grad for p in mine]
+                bufs = []
+                for p in mine:
+                    if "momentum_buffer" not in self.state[p]:
+                        self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                    bufs.append(self.state[p]["momentum_buffer"])
+                torch._foreach_mul_(bufs, mu)
+                torch._foreach_add_(bufs, grads)
+                U = torch.stack(torch._foreach_add(grads, bufs, alpha=mu))  # Nesterov
+                if self.row_normalize:
+                    U = U / U.float().norm(dim=-1, keepdim=True).clamp_min(1e-7)
+                local[:len(mine)] = self.ns(U, self.backend_steps, self.polar_express)
+            if self.world_size > 1:
+                gathered = torch.empty(share * self.world_size, rows, cols, device=local.device, dtype=local.dtype)
+                dist.all_gather_into_tensor(gathered, local)
+            else:
+                gathered = local
+            updates = list(gathered[:len(params)].float().unbind(0))
+            torch._foreach_mul_(params, 1.0 - lr * wd)
+            torch._foreach_add_(params, updates, alpha=-lr * math.sqrt(max(1.0, rows / cols)))
+
+
+def build_optimizers(model: GPT, hp: Hyperparameters, rank: int, world_size: int) -> list[torch.optim.Optimizer]:
+    """Muon for the block matrices; AdamW for the tied embedding and for the small control tensors."""
+    matrices, scalars = [], []
+    for name, p in model.blocks.named_parameters():
+        (matrices if p.ndim == 2 and not any(c in name for c in CONTROL_PARAM_NAMES) else scalars).append(p)
+    scalars += [model.skip_weights, model.skip_gates]
+    fused = next(model.parameters()).is_cuda
+    adamw = torch.optim.AdamW(
+        [dict(params=[model.tok_emb.weight], lr=hp.tied_embed_lr, base_lr=hp.tied_embed_lr, weight_decay=hp.embed_wd),
+         dict(params=scalars, lr=hp.scalar_lr, base_lr=hp.scalar_lr, weight_decay=hp.adam_wd)],
+        betas=(hp.beta1, hp.beta2), eps=hp.adam_eps, fused=fused)
+    muon = Muon(matrices, lr=hp.matrix_lr, momentum=hp.muon_momentum_warmup_start, weight_decay=hp.muon_wd,
+                backend_steps=hp.muon_backend_steps, row_normalize=bool(hp.muon_row_normalize),
+                polar_express=bool(hp.muon_polar_express), rank=rank, world_size=world_size,
+                compile_ns=bool(hp.compile) and fused)
+    return [adamw, muon]
+
+
+def lr_multiplier(frac: float, warmdown_frac: float, min_lr: float) -> float:
+    """Constant, then linear warm-down over the last WARMDOWN_FRAC of the budget to a floor of MIN_LR."""
+    if frac < 1.0 - warmdown_frac:
+        return 1.0
+    return max((1.0 - frac) / max(warmdown_frac, 1e-9), min_lr)
+
+
+def muon_momentum_at(step: int, hp: Hyperparameters) -> float:
+    f = min(step / hp.muon_momentum_warmup_steps, 1.0) if hp.muon_momentum_warmup_steps > 0 else 1.0
+    return (1 - f) * hp.muon_momentum_warmup_start + f * hp.muon_momentum
+
+
+def ema_decay_at(step: int, decay: float) -> float:
+    """Warmed-up EMA decay: averages over roughly the last tenth of the steps until it reaches EMA_DECAY.
+
+    With a constant 0.9965 a 165-step run keeps 0.56 of its random initialization in the average; with the warm-up
+    the initial weights' share after n steps is prod((1+t)/(10+t)) ~ 9!/n^9, negligible after a few dozen steps.
+    """
+    return min(decay, (1.0 + step) / (10.0 + step))
+
+
+class EMA:
+    """fp32 shadow of the full state dict, updated after every optimizer step."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay, self.steps = decay, 0
+        self.live = list(model.state_dict().values())
+        self.shadow = [t.detach().float().clone() for t in self.live]
+
+    @torch.no_grad()
+    def update(self):
+        d = ema_decay_at(self.steps, self.decay)
+        torch._foreach_lerp_(self.shadow, [t.float() for t in self.live], 1.0 - d)
+        self.steps += 1
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module):
+        for live, shadow in zip(model.state_dict().values(), self.shadow):
+            live.copy_(shadow.to(live.dtype))
 
 
 # =====================================================================================================
 # 5. Training loop
 # =====================================================================================================
+
+@dataclasses.dataclass
+class RunContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    log_path: str | None = None
+    metrics_path: str | None = None
+    counted_eval_seconds: float = 0.0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def log(self, msg: str = "", console: bool = True) -> None:
+        """Rank 0 only; every line is flushed to the log file at once so a crash loses nothing."""
+        if not self.is_main:
+            return
+        if console:
+            print(msg, flush=True)
+        if self.log_path:
+            with open(self.log_path, "a", encoding="utf-8") as f:
+                f.write(msg + "\n")
+
+    def metric(self, **record) -> None:
+        if self.is_main and self.metrics_path:
+            with open(self.metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def autocast(self):
+        from contextlib import nullcontext
+
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+def all_reduce_max(ctx: RunContext, value: float) -> float:
+    if not ctx.distributed:
+        return value
+    t = torch.tensor([value], device=ctx.device, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+class Trainer:
+    """Owns the model, its compiled/DDP wrapper, the optimizers, the EMA and the data loader."""
+
+    def __init__(self, hp: Hyperparameters, ctx: RunContext, model: GPT, train_files: list[str]):
+        self.hp, self.ctx, self.model, self.train_files = hp, ctx, model, train_files
+        self.grad_accum = 8 // ctx.world_size
+        self.micro_seqs = hp.train_batch_tokens // (ctx.world_size * self.grad_accum * hp.train_seq_len)
+        compiled = torch.compile(model, fullgraph=True, dynamic=False) if hp.compile else model
+        if ctx.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            compiled = DDP(compiled, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
+                           broadcast_buffers=False)
+        self.train_model = compiled
+        self.optimizers = build_optimizers(model, hp, ctx.rank, ctx.world_size)
+        self.all_params = list(model.parameters())
+        self.new_loader()
+
+    def new_loader(self):
+        self.loader = ShuffledSequenceLoader(self.train_files, self.hp.train_seq_len, self.hp.seed, self.ctx.rank,
+                                             self.ctx.world_size, self.ctx.device)
+
+    def step(self, step: int, lr_mul: float) -> Tensor:
+        """One optimizer step over grad_accum micro-batches; returns the mean loss (on device, not synced)."""
+        total = torch.zeros((), device=self.ctx.device)
+        for micro in range(self.grad_accum):
+            x, y = self.loader.next_batch(self.micro_seqs)
+            last = micro == self.grad_accum - 1
+            sync_ctx = self.train_model.no_sync() if self.ctx.distributed and not last else _null()
+            with sync_ctx, self.ctx.autocast(), sdpa_context():
+                loss = self.train_model(x, y)
+            (loss / self.grad_accum).backward()
+            total += loss.detach()
+        if self.hp.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.all_params, self.hp.grad_clip_norm)
+        momentum = muon_momentum_at(step, self.hp)
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * lr_mul
+                if isinstance(opt, Muon):
+                    group["momentum"] = momentum
+            opt.step()
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        return total / self.grad_accum
+
+    def compile_warmup(self):
+        """Compile the plain and the looped graphs on training batches, then restore the initial state.
+
+        Real steps are run (so optimizer kernels compile too); model and optimizer states are snapshotted before and
+        restored after, and the loader restarts, so training proper starts exactly from the initialization.
+        """
+        hp, ctx = self.hp, self.ctx
+        if hp.warmup_steps <= 0:
+            return
+        model_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        opt_states = [copy.deepcopy(opt.state_dict()) for opt in self.optimizers]
+        phases = [False, True] if hp.num_loops > 0 else [False]
+        for looping in phases:
+            self.model.looping = looping
+            for i in range(hp.warmup_steps):
+                self.step(i, 1.0)
+                if i + 1 in (1, 2, 3, 4, 5, 6, hp.warmup_steps) or (i + 1) % 10 == 0:
+                    ctx.log(f"{'loop_warmup_step' if looping else 'warmup_step'}: {i + 1}/{hp.warmup_steps}")
+        self.model.looping = False
+        self.model.load_state_dict(model_state)
+        for opt, state in zip(self.optimizers, opt_states):
+            opt.load_state_dict(state)
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        self.new_loader()
+        ctx.sync()
+
+
+def _null():
+    from contextlib import nullcontext
+
+    return nullcontext()
+
+
+def train(hp: Hyperparameters, ctx: RunContext, trainer: Trainer, budget_ms: float, validate) -> dict:
+    """Wallclock-driven training loop. `validate(step)` runs a periodic validation (its time is not counted).
+
+    Stops before the step that would cross the budget (predicted from the mean step time), so the counted training
+    time never exceeds it. Returns the step count, counted time and the step at which looping switched on.
+    """
+    model, ema = trainer.model, EMA(trainer.model, hp.ema_decay)
+    tokens_per_step = hp.train_batch_tokens
+    train_ms, step, loop_step, stop_reason = 0.0, 0, None, "iterations"
+    ctx.sync()
+    t0 = time.perf_counter()
+    while step < hp.iterations:
+        frac = train_ms / budget_ms if budget_ms > 0 else step / hp.iterations
+        if hp.num_loops > 0 and not model.looping and frac >= hp.enable_looping_at:
+            model.looping = True
+            loop_step = step
+            enc, dec = model.schedules[True]
+            ctx.log(f"layer_loop:enabled step:{step} frac:{frac:.3f} encoder:{enc} decoder:{dec}")
+        loss = trainer.step(step, lr_multiplier(frac, hp.warmdown_frac, hp.min_lr))
+        ema.update()
+        step += 1
+        loss_value = loss.item()  # syncs; the wallclock check below needs a sync anyway
+        train_ms = 1000 * (time.perf_counter() - t0)
+        if not math.isfinite(loss_value):
+            ctx.log(f"error: non-finite training loss {loss_value} at step {step}; stopping. Lower MATRIX_LR / "
+                    "TIED_EMBED_LR or check the data. The log and metrics so far are kept.")
+            raise SystemExit(3)
+        if step <= 5 or step % hp.train_log_every == 0:
+            tok_s = step * tokens_per_step / (train_ms / 1000)
+            ctx.log(f"{step}/{hp.iterations} train_loss: {loss_value:.4f} train_time: {train_ms / 60000:.1f}m "
+                    f"tok/s: {tok_s:.0f}")
+            ctx.metric(event="train", step=step, train_loss=loss_value, train_time_ms=train_ms, tok_s=tok_s,
+                       looping=model.looping)
+        if hp.val_loss_every > 0 and step % hp.val_loss_every == 0:
+            ctx.sync()
+            v0 = time.perf_counter()
+            validate(step, train_ms)
+            t0 += time.perf_counter() - v0  # validation time is not training time
+        if budget_ms > 0:
+            mean_step_ms = train_ms / step
+            if all_reduce_max(ctx, train_ms + mean_step_ms) > budget_ms:
+                stop_reason = "wallclock_cap"
+                break
+    if stop_reason == "wallclock_cap":
+        ctx.log(f"stopping_early: wallclock_cap train_time: {train_ms:.0f}ms step: {step}/{hp.iterations}")
+    validate(step, train_ms)
+    if ctx.device.type == "cuda":
+        ctx.log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
+                f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
+    ctx.log("ema:applying EMA weights")
+    ema.copy_to(model)
+    return dict(steps=step, train_ms=train_ms, looping_enabled_step=loop_step)
 
 
 # =====================================================================================================
@@ -972,3 +1534,117 @@ def log_eval_summary(hp: Hyperparameters, ctx: EvalContext) -> float:
 # =====================================================================================================
 # 8. Main
 # =====================================================================================================
+
+def prepare_data(hp: Hyperparameters, ctx_rank: int):
+    """Find and check shards and tokenizer before any GPU work; make the smoke data if asked to."""
+    if hp.smoke and "DATA_PATH" not in os.environ and "DATA_DIR" not in os.environ:
+        root = os.path.join(tempfile.gettempdir(), "parameter_golf_smoke")
+        done = os.path.join(root, f"smoke_sp{hp.vocab_size}", "fineweb_val_000000.bin")
+        if ctx_rank == 0:
+            make_smoke_data(root, hp.vocab_size)
+        while not os.path.exists(done):  # other ranks wait for rank 0 (no process group exists yet)
+            time.sleep(0.2)
+        hp.data_path = os.path.join(root, f"smoke_sp{hp.vocab_size}")
+        hp.tokenizer_path = os.path.join(root, f"smoke_{hp.vocab_size}.model")
+        hp.val_files = os.path.join(hp.data_path, "fineweb_val_*.bin")
+    train_files = find_shards(os.path.join(hp.data_path, "fineweb_train_*.bin"), "training")
+    val_files = find_shards(hp.val_files, "validation")
+    sp = load_tokenizer(hp.tokenizer_path, hp.vocab_size)
+    tables = build_byte_tables(sp, hp.vocab_size)
+    val_tokens = load_validation_tokens(val_files, hp.eval_seq_len)
+    for what, toks in (("validation", val_tokens.numpy()), (f"training ({train_files[0]})", read_shard(train_files[0]))):
+        top = int(np.max(toks))
+        if top >= hp.vocab_size:
+            raise SystemExit(f"data error: {what} tokens go up to id {top} but VOCAB_SIZE={hp.vocab_size}: the shards "
+                             "were made with another tokenizer; set VOCAB_SIZE/TOKENIZER_PATH/DATA_PATH consistently")
+    return train_files, val_files, val_tokens, tables
+
+
+def setup_distributed() -> RunContext:
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")
+    else:
+        device = torch.device("cpu")
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    return RunContext(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+def dry_run(hp: Hyperparameters) -> None:
+    with torch.device("meta"):
+        model = GPT(hp)
+    print(format_hyperparameters(hp))
+    print(f"model_params:{sum(p.numel() for p in model.parameters())}")
+    enc, dec = model.schedules[hp.num_loops > 0]
+    print(f"layer_schedule: encoder:{enc} decoder:{dec}")
+    print("dry_run: configuration valid; exiting before data and GPU")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def main() -> None:
+    hp = load_hyperparameters()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    validate_hyperparameters(hp, world)
+    if hp.dry_run:
+        dry_run(hp)
+        return
+    train_files, val_files, val_tokens, byte_tables = prepare_data(hp, int(os.environ.get("RANK", "0")))
+    ctx = setup_distributed()
+    os.makedirs(hp.artifact_dir, exist_ok=True)
+    ctx.log_path = os.path.join(hp.artifact_dir, "train.log")
+    ctx.metrics_path = os.path.join(hp.artifact_dir, "metrics.jsonl")
+    ctx.log(format_hyperparameters(hp))
+    ctx.log(f"train_shards: {len(train_files)}")
+    ctx.log(f"val_tokens: {val_tokens.numel() - 1}")
+    gpu = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu"
+    ctx.log(f"world_size:{ctx.world_size} device:{gpu} torch:{torch.__version__} python:{sys.version.split()[0]} "
+            f"attention:{configure_attention()}")
+    tables = tuple(torch.from_numpy(t).to(ctx.device) for t in byte_tables)
+    summary = dict(seed=hp.seed, run_id=hp.run_id, world_size=ctx.world_size, gpu=gpu, torch_version=torch.__version__,
+                   python_version=sys.version.split()[0], hyperparameters=dataclasses.asdict(hp), evals={})
+    seed_everything(hp.seed)
+    model = build_model(hp, ctx.device)
+    ctx.log(f"model_params:{sum(p.numel() for p in model.parameters())}")
+    script = os.path.abspath(__file__)
+    # ---- training ----
+    trainer = Trainer(hp, ctx, model, train_files)
+    ctx.log(f"grad_accum_steps:{trainer.grad_accum} micro_batch_seqs:{trainer.micro_seqs}")
+    t_warm = time.perf_counter()
+    trainer.compile_warmup()
+    ctx.log(f"compile_warmup: {time.perf_counter() - t_warm:.1f}s")
+    reserve_s = hp.gptq_reserve_seconds if hp.gptq_reserve_seconds >= 0 else 12.0
+    budget_ms = hp.max_wallclock_seconds * 1000 - reserve_s * 1000 if hp.max_wallclock_seconds > 0 else 0.0
+    ctx.log(f"gptq:reserving {reserve_s:.0f}s, effective={budget_ms:.0f}ms")
+
+    def validate(step: int, train_ms: float):
+        pass
+
+    ctx.log(f"training_start: {time.time() - PROCESS_START:.1f}s after launch")
+    stats = train(hp, ctx, trainer, budget_ms, validate)
+    summary.update(steps=stats["steps"], looping_enabled_step=stats["looping_enabled_step"],
+                   train_time_s=stats["train_ms"] / 1000)
+    if ctx.is_main:
+        buf = io.BytesIO()
+        torch.save(model.state_dict(), buf)
+        atomic_write_bytes(os.path.join(hp.artifact_dir, "final_model.pt"), buf.getvalue())
+        ctx.log(f"Serialized model: {buf.tell()} bytes")
+    if ctx.is_main:
+        atomic_write_bytes(os.path.join(hp.artifact_dir, "summary.json"), json.dumps(summary, indent=2).encode())
+    if ctx.distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
