@@ -1058,8 +1058,6 @@ def train(hp: Hyperparameters, ctx: RunContext, trainer: Trainer, budget_ms: flo
 # 7. Evaluation
 # =====================================================================================================
 
-from collections.abc import Callable  # section-local import: the sections are written on separate branches
-
 # One scorer serves all three evaluations. A "window" is EVAL_SEQ_LEN input tokens starting at a global position ws;
 # it scores its targets from in-window position `score_from` on. Target i (0-based) is the prediction of token i+1
 # from tokens 0..i, so a stream of N+1 tokens has N targets, and target i lies at in-window position i - ws.
@@ -1069,6 +1067,8 @@ from collections.abc import Callable  # section-local import: the sections are w
 #   TTT     (6.1): the sliding windows, grouped into chunks; each chunk is scored, then trained on.
 # Sharing the scorer makes "sliding at stride T == plain" and "TTT at lr 0 == sliding" true by construction; the
 # tests check both, plus exact coverage, causality under TTT, and 1-rank == 2-rank results.
+# `ctx` is the RunContext of section 5: rank, world_size, device, log (rank 0 only), sync, autocast, and the running
+# total counted_eval_seconds.
 
 SLIDING_BATCH_WINDOWS = 32  # windows per forward in sliding and TTT scoring, as in the records
 TTT_SEQS_PER_FORWARD = 32  # TTT training micro-batch per rank; a chunk with more sequences accumulates gradients
@@ -1077,23 +1077,9 @@ PROGRESS_FRACTIONS = (0.05, 0.25, 0.5, 0.75)  # where long phases log elapsed ti
 
 
 @dataclasses.dataclass
-class EvalContext:
-    """Where this process stands in the group, where to log, and the ledger of evaluation time."""
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
-    log: Callable[[str], None] = print
-    counted_seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # label -> time on the eval clock
-    uncounted_seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # compile warm-up, diagnostics
-    step_seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # steady-state step times (warm-up)
-
-    def log0(self, msg: str) -> None:
-        if self.rank == 0:
-            self.log(msg)
-
-
-@dataclasses.dataclass
 class EvalResult:
+    label: str | None
+    counted: bool  # on the eval clock (ctx.counted_eval_seconds)
     val_loss: float
     val_bpb: float
     tokens: int  # targets scored, all ranks
@@ -1107,6 +1093,15 @@ class EvalResult:
     @property
     def covered(self) -> bool:
         return self.exactly_once and self.tokens == self.expected_tokens and self.bytes == self.expected_bytes
+
+
+@dataclasses.dataclass
+class EvalTimings:
+    """Measured by eval_warmup (off the eval clock): its own duration and steady-state step times."""
+    warmup_seconds: float
+    plain_batch: float
+    sliding_batch: float
+    ttt_step: float  # one TTT epoch on a typical chunk, without the optimizer step (~1 ms); 0 if TTT is off
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -1166,24 +1161,14 @@ def _plain_batch_rows(hp: Hyperparameters) -> int:
     return max(1, hp.val_batch_tokens // (8 * hp.eval_seq_len))
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _all_reduce(t: Tensor, ctx: EvalContext) -> Tensor:
+def _all_reduce(t: Tensor, ctx: RunContext) -> Tensor:
     if ctx.world_size > 1:
         dist.all_reduce(t)
     return t
 
 
-def _rank_share(n: int, ctx: EvalContext) -> tuple[int, int]:
+def _rank_share(n: int, ctx: RunContext) -> tuple[int, int]:
     return n * ctx.rank // ctx.world_size, n * (ctx.rank + 1) // ctx.world_size
-
-
-def _autocast(device: torch.device):
-    # bf16 on GPU as in training; CPU stays fp32 so that tests can compare exact numbers.
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 def _window_losses(model: nn.Module, x: Tensor, y: Tensor, lo: int) -> Tensor:
@@ -1251,7 +1236,8 @@ class _ScoreSums:
             self.losses.scatter_add_(0, index, ce.flatten().double())
 
 
-def _score_batches(model, tokens, windows: _Windows, batches: range, tables, sums: _ScoreSums, hp, on_batch=None):
+def _score_batches(model, tokens, windows: _Windows, batches: range, tables, sums: _ScoreSums, hp, ctx,
+                   on_batch=None) -> None:
     """Score the given batches of windows under no_grad with the model's current weights."""
     T, B, n = hp.eval_seq_len, windows.batch, tokens.numel() - 1
     fn = _compiled(_window_losses, hp)
@@ -1262,7 +1248,7 @@ def _score_batches(model, tokens, windows: _Windows, batches: range, tables, sum
             starts, score_from, lo = windows.starts[b * B:(b + 1) * B], windows.score_from[b * B:(b + 1) * B], windows.lo[b]
             seq = tokens[(starts[:, None] + offsets).clamp_(max=n)]  # past the stream's end: never scored
             x, y = seq[:, :-1], seq[:, 1:]
-            with _autocast(tokens.device):
+            with ctx.autocast(), sdpa_context():
                 ce = fn(model, x, y, lo)
             pos = offsets[lo:T]
             target = starts[:, None] + pos
@@ -1277,7 +1263,7 @@ class _Progress:
     """At a few fractions of a long phase, rank 0 logs elapsed time and the phase time it projects from the real
     batches done so far (one device sync each)."""
 
-    def __init__(self, label: str | None, total: int, t0: float, ctx: EvalContext):
+    def __init__(self, label: str | None, total: int, t0: float, ctx: RunContext):
         self.label, self.total, self.t0, self.ctx = label, total, t0, ctx
         self.marks = sorted({max(1, round(f * total)) for f in PROGRESS_FRACTIONS}) if label and total else []
 
@@ -1286,20 +1272,30 @@ class _Progress:
             return
         self.marks = [m for m in self.marks if m > done]
         if self.ctx.rank == 0:
-            _sync(self.ctx.device)
+            self.ctx.sync()
             elapsed = time.perf_counter() - self.t0
             self.ctx.log(f"{self.label}:progress {done}/{self.total} elapsed:{elapsed:.1f}s "
                          f"projected:{elapsed * self.total / done:.0f}s")
 
 
-def _start_clock(ctx: EvalContext) -> float:
+def _build_lazy_state(model: nn.Module, hp: Hyperparameters, ctx: RunContext) -> None:
+    """One eager forward of a single window before any compiled call. A model that builds state lazily (the RoPE
+    tables cached per length) would otherwise be traced once with the state missing and again with it present, and
+    every fresh copy (the TTT model) would recompile inside the timed phase."""
+    with torch.no_grad(), ctx.autocast(), sdpa_context():
+        model.forward_logits(torch.zeros(1, hp.eval_seq_len, dtype=torch.int64, device=ctx.device))
+
+
+def _start_clock(model: nn.Module, hp: Hyperparameters, ctx: RunContext) -> float:
     if ctx.world_size > 1:
         dist.barrier()
-    _sync(ctx.device)
-    return time.perf_counter()
+    ctx.sync()
+    t0 = time.perf_counter()
+    _build_lazy_state(model, hp, ctx)
+    return t0
 
 
-def _on_device(val_tokens: Tensor, tables, ctx: EvalContext):
+def _on_device(val_tokens: Tensor, tables, ctx: RunContext):
     return val_tokens.to(ctx.device), tuple(t.to(ctx.device) for t in tables)
 
 
@@ -1313,43 +1309,44 @@ def _finish(sums: _ScoreSums, tokens, tables, label, counted, t0, ctx) -> EvalRe
     exactly_once = bool((sums.hits == 1).all())
     val_loss = loss_sum / max(n_tokens, 1)
     val_bpb = loss_sum / (math.log(2) * max(n_bytes, 1))
-    _sync(ctx.device)
+    ctx.sync()
     seconds = time.perf_counter() - t0
-    result = EvalResult(val_loss, val_bpb, int(n_tokens), int(n_bytes), sums.n, expected_bytes, exactly_once, seconds,
-                        sums.losses.cpu() if sums.losses is not None else None)
+    result = EvalResult(label, counted, val_loss, val_bpb, int(n_tokens), int(n_bytes), sums.n, expected_bytes,
+                        exactly_once, seconds, sums.losses.cpu() if sums.losses is not None else None)
+    if counted:
+        ctx.counted_eval_seconds += seconds
     if label:
-        (ctx.counted_seconds if counted else ctx.uncounted_seconds)[label] = seconds
-        ctx.log0(f"{label} val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} eval_time:{1000 * seconds:.0f}ms")
-        ctx.log0(f"coverage {label} val_tokens:{result.tokens} val_bytes:{result.bytes} "
-                 f"expected_tokens:{result.expected_tokens} expected_bytes:{expected_bytes} "
-                 f"exactly_once:{int(exactly_once)}")
+        ctx.log(f"{label} val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} eval_time:{1000 * seconds:.0f}ms")
+        ctx.log(f"coverage {label} val_tokens:{result.tokens} val_bytes:{result.bytes} "
+                f"expected_tokens:{result.expected_tokens} expected_bytes:{expected_bytes} "
+                f"exactly_once:{int(exactly_once)}")
         if not result.covered:
-            ctx.log0(f"ERROR coverage {label}: the scored targets are not exactly the validation stream; "
-                     "this val_bpb is not a valid result")
+            ctx.log(f"ERROR coverage {label}: the scored targets are not exactly the validation stream; "
+                    "this val_bpb is not a valid result")
     return result
 
 
-def eval_val(model: nn.Module, val_tokens: Tensor, tables, hp: Hyperparameters, ctx: EvalContext,
+def eval_val(model: nn.Module, val_tokens: Tensor, tables, hp: Hyperparameters, ctx: RunContext,
              label: str | None = "quantized", counted: bool = True, return_losses: bool = False) -> EvalResult:
     """Non-overlapping eval (ANCHORS 2.3): EVAL_SEQ_LEN blocks, each target with context from its own block only.
     Blocks are split contiguously over ranks; a final partial block is scored too, so no target is dropped.
-    label=None: no log lines and no ledger entry (periodic validation during training)."""
-    t0 = _start_clock(ctx)
+    label=None logs nothing (periodic validation); counted=False keeps the time off the eval clock."""
+    t0 = _start_clock(model, hp, ctx)
     tokens, tables = _on_device(val_tokens, tables, ctx)
     n, T = tokens.numel() - 1, hp.eval_seq_len
     lo, hi = _rank_share(_ceil_div(n, T), ctx)
     starts = np.arange(lo, hi, dtype=np.int64) * T
     windows = _Windows([(starts, np.zeros_like(starts))], _plain_batch_rows(hp), T, ctx.device)
     sums = _ScoreSums(n, ctx.device, return_losses)
-    _score_batches(model, tokens, windows, range(len(windows.lo)), tables, sums, hp)
+    _score_batches(model, tokens, windows, range(len(windows.lo)), tables, sums, hp, ctx)
     return _finish(sums, tokens, tables, label, counted, t0, ctx)
 
 
-def eval_val_sliding(model: nn.Module, val_tokens: Tensor, tables, hp: Hyperparameters, ctx: EvalContext,
+def eval_val_sliding(model: nn.Module, val_tokens: Tensor, tables, hp: Hyperparameters, ctx: RunContext,
                      label: str | None = "quantized_sliding_window", counted: bool = True,
                      return_losses: bool = False) -> EvalResult:
     """Sliding-window eval (ANCHORS 2.4), windows split contiguously over ranks, SLIDING_BATCH_WINDOWS per forward."""
-    t0 = _start_clock(ctx)
+    t0 = _start_clock(model, hp, ctx)
     tokens, tables = _on_device(val_tokens, tables, ctx)
     n, T, stride = tokens.numel() - 1, hp.eval_seq_len, hp.eval_stride
     all_starts = sliding_window_starts(n, T, stride)
@@ -1358,11 +1355,11 @@ def eval_val_sliding(model: nn.Module, val_tokens: Tensor, tables, hp: Hyperpara
     windows = _Windows([(starts, sliding_score_from(starts, T, stride))], SLIDING_BATCH_WINDOWS, T, ctx.device)
     sums = _ScoreSums(n, ctx.device, return_losses)
     progress = _Progress(label, len(windows.lo), t0, ctx)
-    _score_batches(model, tokens, windows, range(len(windows.lo)), tables, sums, hp, on_batch=progress.tick)
+    _score_batches(model, tokens, windows, range(len(windows.lo)), tables, sums, hp, ctx, on_batch=progress.tick)
     return _finish(sums, tokens, tables, label, counted, t0, ctx)
 
 
-def _ttt_accumulate_grads(model, tokens, chunk: TTTChunk, hp: Hyperparameters, ctx: EvalContext) -> None:
+def _ttt_accumulate_grads(model, tokens, chunk: TTTChunk, hp: Hyperparameters, ctx: RunContext) -> None:
     """Backward of this rank's share of the chunk's mean CE. Each micro-batch's mean is weighted by its share of the
     chunk's sequences, so the sum over micro-batches and ranks is the chunk mean on any world size."""
     T = hp.eval_seq_len
@@ -1373,13 +1370,13 @@ def _ttt_accumulate_grads(model, tokens, chunk: TTTChunk, hp: Hyperparameters, c
         rows = min(TTT_SEQS_PER_FORWARD, hi - s0)
         a = chunk.train_start + s0 * T
         x, y = tokens[a:a + rows * T].view(rows, T), tokens[a + 1:a + 1 + rows * T].view(rows, T)
-        with _autocast(tokens.device):
+        with ctx.autocast(), sdpa_context():
             loss = fn(model, x, y)
         (loss * (rows / chunk.train_seqs)).backward()
     model.eval()
 
 
-def _reduce_and_clip_grads(params: list[Tensor], max_norm: float, ctx: EvalContext) -> None:
+def _reduce_and_clip_grads(params: list[Tensor], max_norm: float, ctx: RunContext) -> None:
     """Sum the ranks' gradients in one collective over a flat fp32 buffer (one per tensor costs ~100 latencies per
     step), then clip by global norm as clip_grad_norm_ does."""
     grads = [p.grad for p in params]
@@ -1390,12 +1387,12 @@ def _reduce_and_clip_grads(params: list[Tensor], max_norm: float, ctx: EvalConte
         g.copy_(part.view_as(g))
 
 
-def eval_val_ttt(model: nn.Module, val_tokens: Tensor, tables, hp: Hyperparameters, ctx: EvalContext,
+def eval_val_ttt(model: nn.Module, val_tokens: Tensor, tables, hp: Hyperparameters, ctx: RunContext,
                  label: str | None = "quantized_ttt", counted: bool = True, return_losses: bool = False) -> EvalResult:
     """Legal score-first TTT (ANCHORS 6.1) over the sliding windows. Every window of a chunk is scored under no_grad
     before that chunk trains the model (SGD with momentum, TTT_EPOCHS steps, cosine lr over chunks, clipping,
     gradients summed over ranks). Trains `model` in place: pass a copy that is not needed afterwards."""
-    t0 = _start_clock(ctx)
+    t0 = _start_clock(model, hp, ctx)
     tokens, tables = _on_device(val_tokens, tables, ctx)
     n, T, stride = tokens.numel() - 1, hp.eval_seq_len, hp.eval_stride
     plan = ttt_plan(n, hp)
@@ -1412,10 +1409,11 @@ def eval_val_ttt(model: nn.Module, val_tokens: Tensor, tables, hp: Hyperparamete
     for p in params:  # persistent zero grads: ranks without sequences in a chunk still contribute to the all-reduce
         p.grad = torch.zeros_like(p)
     optimizer = torch.optim.SGD(params, lr=hp.ttt_lr, momentum=hp.ttt_momentum)
-    ctx.log0(f"ttt:start chunks={len(plan)} ttt_lr={hp.ttt_lr} ttt_epochs={hp.ttt_epochs}")
+    if label:
+        ctx.log(f"ttt:start chunks={len(plan)} ttt_lr={hp.ttt_lr} ttt_epochs={hp.ttt_epochs}")
     progress = _Progress(label, len(plan), t0, ctx)
     for chunk, (b0, b1) in zip(plan, windows.segments):
-        _score_batches(model, tokens, windows, range(b0, b1), tables, sums, hp)  # weights of chunks < this one
+        _score_batches(model, tokens, windows, range(b0, b1), tables, sums, hp, ctx)  # weights of chunks < this one
         if chunk.train_seqs:
             for group in optimizer.param_groups:
                 group["lr"] = _ttt_lr(hp, chunk.index, len(plan))
@@ -1430,19 +1428,21 @@ def eval_val_ttt(model: nn.Module, val_tokens: Tensor, tables, hp: Hyperparamete
     return _finish(sums, tokens, tables, label, counted, t0, ctx)
 
 
-def _mean_seconds(fn, device, repeats: int = 2) -> float:
-    _sync(device)
+def _mean_seconds(fn, ctx: RunContext, repeats: int = 2) -> float:
+    ctx.sync()
     t0 = time.perf_counter()
     for _ in range(repeats):
         fn()
-    _sync(device)
+    ctx.sync()
     return (time.perf_counter() - t0) / repeats
 
 
-def eval_warmup(model: nn.Module, hp: Hyperparameters, ctx: EvalContext) -> None:
+def eval_warmup(model: nn.Module, hp: Hyperparameters, ctx: RunContext) -> EvalTimings:
     """Compile every shape the evaluations use, then time steady-state steps for log_eval_projection. Random tokens
-    only, never validation tokens; no optimizer step, so the weights are untouched. Not on the eval clock."""
+    only, never validation tokens; no optimizer step, so the weights are untouched. Not on the eval clock. Set the
+    model's mode (looping) first: the graphs are specialized to it."""
     t0 = time.perf_counter()
+    _build_lazy_state(model, hp, ctx)
     device, T, stride, B = ctx.device, hp.eval_seq_len, hp.eval_stride, SLIDING_BATCH_WINDOWS
     rows = _plain_batch_rows(hp)
     typical_chunk_seqs = hp.ttt_chunk_tokens // T if hp.ttt_enabled else 0
@@ -1459,53 +1459,54 @@ def eval_warmup(model: nn.Module, hp: Hyperparameters, ctx: EvalContext) -> None
     plain = _Windows([(plain_starts, np.zeros_like(plain_starts))], rows, T, device)
     slide_starts = sliding_window_starts(n, T, stride)[:2 * B]
     slide = _Windows([(slide_starts, sliding_score_from(slide_starts, T, stride))], B, T, device)
-    _score_batches(model, tokens, slide, range(len(slide.lo)), tables, sums, hp)
-    last_sliding_batch = range(len(slide.lo) - 1, len(slide.lo))
-    ctx.step_seconds["sliding_batch"] = _mean_seconds(
-        lambda: _score_batches(model, tokens, slide, last_sliding_batch, tables, sums, hp), device)
-    _score_batches(model, tokens, plain, range(1), tables, sums, hp)
-    ctx.step_seconds["plain_batch"] = _mean_seconds(
-        lambda: _score_batches(model, tokens, plain, range(1), tables, sums, hp), device)
+
+    def score(windows, batches):
+        return lambda: _score_batches(model, tokens, windows, batches, tables, sums, hp, ctx)
+
+    score(slide, range(len(slide.lo)))()
+    sliding_batch = _mean_seconds(score(slide, range(len(slide.lo) - 1, len(slide.lo))), ctx)
+    score(plain, range(1))()
+    plain_batch = _mean_seconds(score(plain, range(1)), ctx)
+    ttt_step = 0.0
     if typical_chunk_seqs:
         params = [p for p in model.parameters() if p.requires_grad]
         chunk = TTTChunk(0, 0, 0, 0, typical_chunk_seqs)
-
         for p in params:
             p.grad = torch.zeros_like(p)
 
-        def ttt_step():  # one epoch of a chunk without its optimizer step
+        def ttt_epoch():  # as in eval_val_ttt, without the optimizer step
             for p in params:
                 p.grad.zero_()
             _ttt_accumulate_grads(model, tokens, chunk, hp, ctx)
             _reduce_and_clip_grads(params, hp.ttt_grad_clip, ctx)
 
-        ttt_step()
-        ctx.step_seconds["ttt_step"] = _mean_seconds(ttt_step, device)
+        ttt_epoch()
+        ttt_step = _mean_seconds(ttt_epoch, ctx)
         for p in params:
             p.grad = None
     model.eval()
-    ctx.uncounted_seconds["eval_warmup"] = seconds = time.perf_counter() - t0
-    steps = " ".join(f"{k}:{1000 * v:.1f}ms" for k, v in ctx.step_seconds.items())
-    ctx.log0(f"eval_warmup: compiled and timed on random tokens (no validation data) in {seconds:.1f}s, "
-             f"not on the eval clock; {steps}")
+    timings = EvalTimings(time.perf_counter() - t0, plain_batch, sliding_batch, ttt_step)
+    ctx.log(f"eval_warmup: compiled and timed on random tokens (no validation data) in {timings.warmup_seconds:.1f}s, "
+            f"not on the eval clock; plain_batch:{1000 * plain_batch:.1f}ms sliding_batch:{1000 * sliding_batch:.1f}ms "
+            f"ttt_step:{1000 * ttt_step:.1f}ms")
+    return timings
 
 
-def log_eval_projection(n_targets: int, hp: Hyperparameters, ctx: EvalContext) -> float:
+def log_eval_projection(n_targets: int, timings: EvalTimings, hp: Hyperparameters, ctx: RunContext) -> float:
     """Project the phases still to come (sliding if enabled, TTT if enabled) from eval_warmup's step times times the
-    number of batches and chunks this rank will run; add the time already counted; warn loudly over budget."""
+    number of batches and chunks a rank will run; add the time already counted; warn loudly over budget."""
     T, stride, B, W = hp.eval_seq_len, hp.eval_stride, SLIDING_BATCH_WINDOWS, ctx.world_size
-    per_batch = ctx.step_seconds["sliding_batch"]
     sliding = ttt = 0.0
     if hp.sliding_window_enabled:
         windows = len(sliding_window_starts(n_targets, T, stride))
-        sliding = _ceil_div(_ceil_div(windows, W), B) * per_batch
+        sliding = _ceil_div(_ceil_div(windows, W), B) * timings.sliding_batch
     if hp.ttt_enabled:
         for chunk in ttt_plan(n_targets, hp):
             batches = _ceil_div(_ceil_div(chunk.end_window - chunk.first_window, W), B)
-            ttt += batches * per_batch + (hp.ttt_epochs * ctx.step_seconds["ttt_step"] if chunk.train_seqs else 0.0)
-    total = sum(ctx.counted_seconds.values()) + sliding + ttt
+            ttt += batches * timings.sliding_batch + (hp.ttt_epochs * timings.ttt_step if chunk.train_seqs else 0.0)
+    total = ctx.counted_eval_seconds + sliding + ttt
     budget = hp.eval_budget_seconds
-    ctx.log0(f"eval_projection: sliding ~{sliding:.0f}s ttt ~{ttt:.0f}s total ~{total:.0f}s budget {budget:.0f}s")
+    ctx.log(f"eval_projection: sliding ~{sliding:.0f}s ttt ~{ttt:.0f}s total ~{total:.0f}s budget {budget:.0f}s")
     if total > budget:
         advice = []
         if hp.sliding_window_enabled and hp.ttt_enabled:
@@ -1513,21 +1514,27 @@ def log_eval_projection(n_targets: int, hp: Hyperparameters, ctx: EvalContext) -
         advice.append(f"a larger EVAL_STRIDE (now {stride}; window cost scales with 1/stride)")
         if hp.ttt_enabled:
             advice += [f"fewer TTT_EPOCHS (now {hp.ttt_epochs})", f"TTT_ENABLED=0 (saves ~{ttt:.0f}s)"]
-        ctx.log0("!" * 100 + f"\nWARNING eval_projection: ~{total:.0f}s exceeds EVAL_BUDGET_SECONDS={budget:.0f}s by "
-                 f"~{total - budget:.0f}s. Set " + ", or ".join(advice) + "\n" + "!" * 100)
+        ctx.log("!" * 100 + f"\nWARNING eval_projection: ~{total:.0f}s exceeds EVAL_BUDGET_SECONDS={budget:.0f}s by "
+                f"~{total - budget:.0f}s. Set " + ", or ".join(advice) + "\n" + "!" * 100)
     return total
 
 
-def log_eval_summary(hp: Hyperparameters, ctx: EvalContext) -> float:
-    """One line with every phase's time; the counted total is what the eval budget applies to."""
-    total = sum(ctx.counted_seconds.values())
-    phases = " ".join(f"{k.replace(' ', '_')}:{v:.1f}s" for k, v in ctx.counted_seconds.items())
-    uncounted = " ".join(f"{k.replace(' ', '_')}:{v:.1f}s" for k, v in ctx.uncounted_seconds.items())
-    ctx.log0(f"eval_summary: {phases} total_eval_time:{total:.1f}s budget:{hp.eval_budget_seconds:.0f}s "
-             f"(not counted: {uncounted or 'nothing'})")
+def log_eval_summary(results: list[EvalResult], hp: Hyperparameters, ctx: RunContext,
+                     timings: EvalTimings | None = None) -> float:
+    """One line with every phase's time; the budget applies to the counted total."""
+    def name(r):
+        return (r.label or "unlabelled").replace(" ", "_")
+
+    counted = " ".join(f"{name(r)}:{r.seconds:.1f}s" for r in results if r.counted)
+    uncounted = [f"{name(r)}:{r.seconds:.1f}s" for r in results if not r.counted]
+    if timings is not None:
+        uncounted.insert(0, f"eval_warmup:{timings.warmup_seconds:.1f}s")
+    total = ctx.counted_eval_seconds
+    ctx.log(f"eval_summary: {counted} total_eval_time:{total:.1f}s budget:{hp.eval_budget_seconds:.0f}s "
+            f"(not counted: {' '.join(uncounted) or 'nothing'})")
     if total > hp.eval_budget_seconds:
-        ctx.log0(f"WARNING eval_summary: counted evaluation took {total:.1f}s, over EVAL_BUDGET_SECONDS="
-                 f"{hp.eval_budget_seconds:.0f}s; see the eval_projection advice")
+        ctx.log(f"WARNING eval_summary: counted evaluation took {total:.1f}s, over EVAL_BUDGET_SECONDS="
+                f"{hp.eval_budget_seconds:.0f}s; see the eval_projection advice")
     return total
 
 

@@ -1,37 +1,35 @@
-"""Shared fixtures for the evaluation tests: smoke data, byte tables, a small causal model."""
+"""Shared pieces of the evaluation tests: the smoke GPT, its validation stream and byte tables, a log-capturing
+RunContext."""
 from __future__ import annotations
 
 import dataclasses
 import glob
 import os
-import sys
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import train_gpt as tg  # noqa: E402
+import train_gpt as tg
 
-# The test machines have 2 shared cores; a second intra-op thread makes these tiny ops several times slower.
+# The test machines have 2 shared cores; a second intra-op thread makes these small ops several times slower.
 torch.set_num_threads(1)
 
 
 def smoke_hp(**overrides) -> tg.Hyperparameters:
-    """SMOKE=1 config (T=128, stride 32, TTT chunks of 1024) with a learning rate big enough to move the scores."""
+    """SMOKE=1 config (T=128, stride 32, TTT chunks of 1024, 1 epoch) with a TTT lr big enough to move the scores."""
     hp = tg.load_hyperparameters({"SMOKE": "1"})
-    return dataclasses.replace(hp, **{"ttt_lr": 0.05, "ttt_epochs": 2, **overrides})
+    return dataclasses.replace(hp, **{"ttt_lr": 0.05, **overrides})
 
 
-def smoke_stream(root: str, hp: tg.Hyperparameters, n_targets: int | None = None):
-    """(val tokens, byte tables as torch tensors) from make_smoke_data, optionally cut to n_targets targets."""
-    data, model_path = tg.make_smoke_data(root, hp.vocab_size)
-    tokens = tg.load_validation_tokens(sorted(glob.glob(os.path.join(data, "fineweb_val_*.bin"))), hp.eval_seq_len)
+def smoke_stream(data: tuple[str, str], hp: tg.Hyperparameters, n_targets: int | None = None):
+    """(val tokens, byte tables as torch tensors) of the smoke data, optionally cut to n_targets targets."""
+    data_path, tokenizer_path = data
+    tokens = tg.load_validation_tokens(sorted(glob.glob(os.path.join(data_path, "fineweb_val_*.bin"))),
+                                       hp.eval_seq_len)
     if n_targets is not None:
         tokens = tokens[:n_targets + 1].clone()
-    sp = tg.load_tokenizer(model_path, hp.vocab_size)
+    sp = tg.load_tokenizer(tokenizer_path, hp.vocab_size)
     tables = tuple(torch.from_numpy(t) for t in tg.build_byte_tables(sp, hp.vocab_size))
     return tokens, tables
 
@@ -43,46 +41,32 @@ def stream_bytes(tokens: torch.Tensor, tables) -> int:
     return int(base[tgt].astype(np.int64).sum() + (leading[tgt] & ~boundary[prev]).sum())
 
 
-class TinyCausalLM(nn.Module):
-    """Embedding + one causal self-attention block + MLP, with the GPT's interface (forward_logits, model(x, y)).
-    causal=False makes the deliberately leaky model of the negative control."""
-
-    def __init__(self, vocab_size: int, seq_len: int, dim: int = 32, heads: int = 2, causal: bool = True):
-        super().__init__()
-        self.heads, self.causal = heads, causal
-        self.tok = nn.Embedding(vocab_size, dim)
-        self.pos = nn.Parameter(torch.randn(seq_len, dim) * 0.02)
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.proj = nn.Linear(dim, dim, bias=False)
-        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
-        self.head = nn.Linear(dim, vocab_size, bias=False)
-
-    def forward_logits(self, x: torch.Tensor) -> torch.Tensor:
-        B, T = x.shape
-        h = self.tok(x) + self.pos[:T]
-        q, k, v = self.qkv(F.rms_norm(h, (h.shape[-1],))).view(B, T, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
-        h = h + self.proj(a.transpose(1, 2).reshape(B, T, -1))
-        h = h + self.mlp(F.rms_norm(h, (h.shape[-1],)))
-        logits = self.head(F.rms_norm(h, (h.shape[-1],)))
-        return 30.0 * torch.tanh(logits / 30.0)
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        logits = self.forward_logits(x)
-        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-
-
-def make_model(hp: tg.Hyperparameters, seed: int = 0, causal: bool = True) -> nn.Module:
+def make_model(hp: tg.Hyperparameters, seed: int = 0) -> tg.GPT:
+    """The smoke GPT with its depth loop on, as evaluated after training. Its output projections start at zero,
+    which would make every block the identity, so all weights get a little noise."""
+    tg.configure_attention("sdpa_math")
     torch.manual_seed(seed)
-    return TinyCausalLM(hp.vocab_size, hp.eval_seq_len, causal=causal)
+    model = tg.build_model(hp, torch.device("cpu"))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    model.looping = True
+    return model
+
+
+def lookahead_attention(q, k, v):
+    """The model's attention without its causal mask: the deliberately leaky model of a negative control."""
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), enable_gqa=True)
+    return y.transpose(1, 2)
 
 
 class LogLines(list):
-    """A ctx.log that keeps the lines."""
-
-    def __call__(self, msg: str) -> None:
+    def __call__(self, msg: str = "", console: bool = True) -> None:
         self.append(msg)
 
 
-def make_ctx(**kw) -> tg.EvalContext:
-    return tg.EvalContext(log=LogLines(), **kw)
+def make_ctx(rank: int = 0, world_size: int = 1) -> tg.RunContext:
+    """A CPU RunContext whose log keeps its lines in ctx.log (a list). Every rank logs, so rank 0 filters here."""
+    ctx = tg.RunContext(rank=rank, world_size=world_size, local_rank=rank, device=torch.device("cpu"))
+    ctx.log = LogLines() if rank == 0 else (lambda msg="", console=True: None)
+    return ctx

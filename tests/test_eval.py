@@ -11,14 +11,9 @@ import torch
 from eval_helpers import make_ctx, make_model, smoke_hp, smoke_stream, stream_bytes, tg
 
 
-@pytest.fixture(scope="module")
-def smoke_root(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("smoke"))
-
-
-def test_sliding_at_full_stride_equals_plain(smoke_root):
+def test_sliding_at_full_stride_equals_plain(smoke_data):
     hp = smoke_hp(eval_stride=128)
-    tokens, tables = smoke_stream(smoke_root, hp)
+    tokens, tables = smoke_stream(smoke_data, hp)
     model = make_model(hp)
     plain = tg.eval_val(model, tokens, tables, hp, make_ctx(), return_losses=True)
     sliding = tg.eval_val_sliding(model, tokens, tables, hp, make_ctx(), return_losses=True)
@@ -29,9 +24,9 @@ def test_sliding_at_full_stride_equals_plain(smoke_root):
     assert math.isclose(sliding.val_bpb, plain.val_bpb, rel_tol=1e-12)
 
 
-def test_sliding_gives_later_targets_more_context(smoke_root):
+def test_sliding_gives_later_targets_more_context(smoke_data):
     hp = smoke_hp()
-    tokens, tables = smoke_stream(smoke_root, hp, n_targets=2048)
+    tokens, tables = smoke_stream(smoke_data, hp, n_targets=2048)
     model = make_model(hp)
     plain = tg.eval_val(model, tokens, tables, hp, make_ctx(), return_losses=True).target_losses
     sliding = tg.eval_val_sliding(model, tokens, tables, hp, make_ctx(), return_losses=True).target_losses
@@ -40,9 +35,9 @@ def test_sliding_gives_later_targets_more_context(smoke_root):
     assert not torch.equal(plain[T:], sliding[T:])
 
 
-def test_ttt_with_zero_lr_equals_sliding(smoke_root):
+def test_ttt_with_zero_lr_equals_sliding(smoke_data):
     hp = smoke_hp(ttt_lr=0.0)
-    tokens, tables = smoke_stream(smoke_root, hp, n_targets=5000)
+    tokens, tables = smoke_stream(smoke_data, hp, n_targets=5000)
     model = make_model(hp)
     before = copy.deepcopy(model.state_dict())
     sliding = tg.eval_val_sliding(model, tokens, tables, hp, make_ctx(), return_losses=True)
@@ -60,12 +55,12 @@ def test_ttt_with_zero_lr_equals_sliding(smoke_root):
 
 @pytest.mark.parametrize("n_targets,stride,chunk,shuffle", [(None, 32, 1024, False), (3001, 48, 1000, False),
                                                              (1500, 128, 100, False), (2000, 32, 1024, True)])
-def test_every_target_scored_exactly_once(smoke_root, n_targets, stride, chunk, shuffle):
+def test_every_target_scored_exactly_once(smoke_data, n_targets, stride, chunk, shuffle):
     """Whole stream and awkward geometries: a partial last block, a stride that divides neither the sequence nor
     the chunk, chunks shorter than a sequence. Random tokens put BOS before leading-space pieces, whose space is
     then not counted; the smoke documents never do that."""
     hp = smoke_hp(eval_stride=stride, ttt_chunk_tokens=chunk)
-    tokens, tables = smoke_stream(smoke_root, hp, n_targets)
+    tokens, tables = smoke_stream(smoke_data, hp, n_targets)
     if shuffle:
         tokens = torch.randint(0, hp.vocab_size, tokens.shape, generator=torch.Generator().manual_seed(0))
         tokens[::50] = 1
@@ -108,39 +103,44 @@ def test_ttt_plan_trains_only_on_scored_targets(n, T, stride, chunk):
         assert all(c.train_seqs == 16 and c.train_start == c.index * chunk for c in plan[:-1])
 
 
-def test_warmup_projection_and_log_lines(smoke_root):
+def test_warmup_projection_and_log_lines(smoke_data):
     hp = smoke_hp(eval_budget_seconds=0.001)
-    tokens, tables = smoke_stream(smoke_root, hp, n_targets=3000)
+    tokens, tables = smoke_stream(smoke_data, hp, n_targets=3000)
     model = make_model(hp)
     before = copy.deepcopy(model.state_dict())
     ctx = make_ctx()
-    tg.eval_warmup(model, hp, ctx)
+    timings = tg.eval_warmup(model, hp, ctx)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
-    assert set(ctx.step_seconds) == {"plain_batch", "sliding_batch", "ttt_step"} and not ctx.counted_seconds
-    tg.eval_val(model, tokens, tables, hp, ctx)
-    projected = tg.log_eval_projection(len(tokens) - 1, hp, ctx)
-    assert projected > ctx.counted_seconds["quantized"]
-    tg.eval_val_sliding(model, tokens, tables, hp, ctx)
-    tg.eval_val_ttt(model, tokens, tables, hp, ctx)
-    tg.log_eval_summary(hp, ctx)
+    assert min(timings.plain_batch, timings.sliding_batch, timings.ttt_step) > 0 and ctx.counted_eval_seconds == 0
+    results = [tg.eval_val(model, tokens, tables, hp, ctx, label="pre-quantization post-ema", counted=False),
+               tg.eval_val(model, tokens, tables, hp, ctx)]
+    assert ctx.counted_eval_seconds == results[1].seconds
+    projected = tg.log_eval_projection(len(tokens) - 1, timings, hp, ctx)
+    assert projected > ctx.counted_eval_seconds
+    results.append(tg.eval_val_sliding(model, tokens, tables, hp, ctx))
+    results.append(tg.eval_val_ttt(model, tokens, tables, hp, ctx))
+    assert math.isclose(tg.log_eval_summary(results, hp, ctx, timings), sum(r.seconds for r in results[1:]))
     text = "\n".join(ctx.log)
     assert re.search(r"^eval_warmup: .*random tokens", text, re.M)
     assert re.search(r"^eval_projection: sliding ~\d+s ttt ~\d+s total ~\d+s budget 0s$", text, re.M)
     assert re.search(r"^WARNING eval_projection: .*SLIDING_WINDOW_ENABLED=0.*EVAL_STRIDE.*TTT_EPOCHS.*TTT_ENABLED=0",
                      text, re.M)
-    assert re.search(r"^ttt:start chunks=3 ttt_lr=0.05 ttt_epochs=2$", text, re.M)
+    assert re.search(r"^ttt:start chunks=3 ttt_lr=0.05 ttt_epochs=1$", text, re.M)
     for label in ("quantized", "quantized_sliding_window", "quantized_ttt"):
         assert re.search(rf"^{label} val_loss:\d+\.\d{{8}} val_bpb:\d+\.\d{{8}} eval_time:\d+ms$", text, re.M)
         assert re.search(rf"^coverage {label} val_tokens:3000 val_bytes:\d+ expected_tokens:3000 ", text, re.M)
     assert re.search(r"^quantized_ttt:progress 1/3 elapsed:", text, re.M)
-    assert re.search(r"^eval_summary: quantized:.* total_eval_time:.*not counted: eval_warmup:", text, re.M)
+    assert re.search(r"^eval_summary: quantized:[\d.]+s quantized_sliding_window:[\d.]+s quantized_ttt:[\d.]+s "
+                     r"total_eval_time:[\d.]+s budget:0s \(not counted: eval_warmup:[\d.]+s "
+                     r"pre-quantization_post-ema:[\d.]+s\)$", text, re.M)
+    assert re.search(r"^WARNING eval_summary:", text, re.M)
     assert "ERROR" not in text
 
 
-def test_unlabelled_eval_is_silent_and_off_the_ledger(smoke_root):
+def test_unlabelled_eval_is_silent_and_off_the_ledger(smoke_data):
     hp = smoke_hp()
-    tokens, tables = smoke_stream(smoke_root, hp, n_targets=1000)
+    tokens, tables = smoke_stream(smoke_data, hp, n_targets=1000)
     ctx = make_ctx()
-    result = tg.eval_val(make_model(hp), tokens, tables, hp, ctx, label=None)
-    assert result.covered and not ctx.log and not ctx.counted_seconds
+    result = tg.eval_val(make_model(hp), tokens, tables, hp, ctx, label=None, counted=False)
+    assert result.covered and not ctx.log and ctx.counted_eval_seconds == 0

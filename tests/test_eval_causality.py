@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from eval_helpers import make_ctx, make_model, smoke_hp, smoke_stream, tg
+from eval_helpers import lookahead_attention, make_ctx, make_model, smoke_hp, smoke_stream, tg
 
 CHUNKS = 6
 CHANGED_CHUNK = 4  # a later chunk, so that chunks 0..3 have already trained the model when it is scored
@@ -21,9 +21,9 @@ def perturbed_after(tokens: torch.Tensor, q: int, vocab_size: int) -> torch.Tens
 
 
 @pytest.fixture(scope="module")
-def stream(tmp_path_factory):
+def stream(smoke_data):
     hp = smoke_hp()
-    return smoke_stream(str(tmp_path_factory.mktemp("smoke")), hp, n_targets=CHUNKS * hp.ttt_chunk_tokens)
+    return smoke_stream(smoke_data, hp, n_targets=CHUNKS * hp.ttt_chunk_tokens)
 
 
 def check_prefix(evaluate, model, stream):
@@ -65,7 +65,7 @@ def update_then_score_losses(model, tokens, tables, hp):
             tg._ttt_accumulate_grads(model, tokens, chunk, hp, ctx)
             tg._reduce_and_clip_grads(params, hp.ttt_grad_clip, ctx)
             optimizer.step()
-        tg._score_batches(model, tokens, windows, range(b0, b1), tables, sums, hp)
+        tg._score_batches(model, tokens, windows, range(b0, b1), tables, sums, hp, ctx)
     return sums.losses
 
 
@@ -95,6 +95,7 @@ def test_negative_control_update_then_score_is_caught(stream):
     assert not prefix_same
 
 
-def test_negative_control_lookahead_model_is_caught(stream):
-    prefix_same, _ = check_prefix(sliding_losses, make_model(smoke_hp(), causal=False), stream)
+def test_negative_control_lookahead_model_is_caught(stream, monkeypatch):
+    monkeypatch.setattr(tg, "causal_attention", lookahead_attention)
+    prefix_same, _ = check_prefix(sliding_losses, make_model(smoke_hp()), stream)
     assert not prefix_same

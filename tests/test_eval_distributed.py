@@ -13,12 +13,12 @@ EVALS = {"plain": tg.eval_val, "sliding": tg.eval_val_sliding, "ttt": tg.eval_va
 N_TARGETS = 2100  # 3 TTT chunks, 2 of them trained on; 2100 / 128 is not whole, so a rank gets a partial block
 
 
-def _worker(rank: int, world_size: int, root: str, out_dir: str) -> None:
+def _worker(rank: int, world_size: int, data: tuple[str, str], out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=world_size)
     try:
         hp = smoke_hp()
-        tokens, tables = smoke_stream(root, hp, N_TARGETS)
+        tokens, tables = smoke_stream(data, hp, N_TARGETS)
         state = torch.load(os.path.join(out_dir, "model.pt"))
         results = {}
         for name, evaluate in EVALS.items():
@@ -32,13 +32,12 @@ def _worker(rank: int, world_size: int, root: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def test_two_ranks_match_one_process(tmp_path):
-    root = str(tmp_path / "smoke")
+def test_two_ranks_match_one_process(smoke_data, tmp_path):
     hp = smoke_hp()
-    tokens, tables = smoke_stream(root, hp, N_TARGETS)
+    tokens, tables = smoke_stream(smoke_data, hp, N_TARGETS)
     model = make_model(hp)
     torch.save(model.state_dict(), tmp_path / "model.pt")
-    mp.spawn(_worker, args=(2, root, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, smoke_data, str(tmp_path)), nprocs=2, join=True)
     two = torch.load(tmp_path / "results.pt", weights_only=False)
     for name, evaluate in EVALS.items():
         single = make_model(hp)
