@@ -1248,7 +1248,8 @@ def _score_batches(model, tokens, windows: _Windows, batches: range, tables, sum
     model.eval()
     with torch.no_grad():
         for b in batches:
-            starts, score_from, lo = windows.starts[b * B:(b + 1) * B], windows.score_from[b * B:(b + 1) * B], windows.lo[b]
+            rows = slice(b * B, (b + 1) * B)
+            starts, score_from, lo = windows.starts[rows], windows.score_from[rows], windows.lo[b]
             seq = tokens[(starts[:, None] + offsets).clamp_(max=n)]  # past the stream's end: never scored
             x, y = seq[:, :-1], seq[:, 1:]
             with ctx.autocast(), sdpa_context():
