@@ -1067,6 +1067,486 @@ def train(hp: Hyperparameters, ctx: RunContext, trainer: Trainer, budget_ms: flo
 # 7. Evaluation
 # =====================================================================================================
 
+# One scorer serves all three evaluations. A "window" is EVAL_SEQ_LEN input tokens starting at a global position ws;
+# it scores its targets from in-window position `score_from` on. Target i (0-based) is the prediction of token i+1
+# from tokens 0..i, so a stream of N+1 tokens has N targets, and target i lies at in-window position i - ws.
+#   plain   (ANCHORS 2.3): windows at 0, T, 2T, ..., each scored in full; context never crosses a block.
+#   sliding (2.4): a window every EVAL_STRIDE tokens; the first is scored in full, the others only their last
+#                  stride positions, so every target after the first window sees T - stride tokens of context.
+#   TTT     (6.1): the sliding windows, grouped into chunks; each chunk is scored, then trained on.
+# Sharing the scorer makes "sliding at stride T == plain" and "TTT at lr 0 == sliding" true by construction; the
+# tests check both, plus exact coverage, causality under TTT, and 1-rank == 2-rank results.
+# `ctx` is the RunContext of section 5: rank, world_size, device, log (rank 0 only), sync, autocast, and the running
+# total counted_eval_seconds.
+
+SLIDING_BATCH_WINDOWS = 32  # windows per forward in sliding and TTT scoring, as in the records
+TTT_SEQS_PER_FORWARD = 32  # TTT training micro-batch per rank; a chunk with more sequences accumulates gradients
+EVAL_COMPILE_BACKEND = "inductor"  # tests put a counting backend here to prove the timed phases never recompile
+PROGRESS_FRACTIONS = (0.05, 0.25, 0.5, 0.75)  # where long phases log elapsed time and a projection from real batches
+
+
+@dataclasses.dataclass
+class EvalResult:
+    label: str | None
+    counted: bool  # on the eval clock (ctx.counted_eval_seconds)
+    val_loss: float
+    val_bpb: float
+    tokens: int  # targets scored, all ranks
+    bytes: int  # bytes credited to them
+    expected_tokens: int  # targets in the stream
+    expected_bytes: int  # byte-table total over the stream
+    exactly_once: bool  # every target was scored by exactly one window on exactly one rank
+    seconds: float
+    target_losses: Tensor | None = None  # float64 [expected_tokens]: CE of target i (token i+1), when asked for
+
+    @property
+    def covered(self) -> bool:
+        return self.exactly_once and self.tokens == self.expected_tokens and self.bytes == self.expected_bytes
+
+
+@dataclasses.dataclass
+class EvalTimings:
+    """Measured by eval_warmup (off the eval clock): its own duration and steady-state step times."""
+    warmup_seconds: float
+    plain_batch: float
+    sliding_batch: float
+    ttt_step: float  # one TTT epoch on a typical chunk, without the optimizer step (~1 ms); 0 if TTT is off
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def sliding_window_starts(n_targets: int, seq_len: int, stride: int) -> np.ndarray:
+    """Window starts every `stride` tokens, for as long as a window still has an unscored target."""
+    starts = np.arange(0, n_targets, stride, dtype=np.int64)
+    return starts[(starts == 0) | (starts + seq_len - stride < n_targets)]
+
+
+def sliding_score_from(starts: np.ndarray, seq_len: int, stride: int) -> np.ndarray:
+    return np.where(starts == 0, 0, seq_len - stride).astype(np.int64)
+
+
+@dataclasses.dataclass
+class TTTChunk:
+    index: int
+    first_window: int  # the chunk scores sliding windows [first_window, end_window) ...
+    end_window: int
+    train_start: int  # ... then trains on targets [train_start, train_start + train_seqs * EVAL_SEQ_LEN)
+    train_seqs: int
+
+
+def ttt_plan(n_targets: int, hp: Hyperparameters) -> list[TTTChunk]:
+    """Score-first schedule: chunk c scores the windows whose first scored target lies in [c*C, (c+1)*C), C =
+    TTT_CHUNK_TOKENS, then trains on whole EVAL_SEQ_LEN sequences of targets that are scored and not yet trained on
+    (a remainder waits for the next chunk). The last chunk is not trained on. With the defaults chunk c trains on
+    exactly the 16 sequences it has just scored."""
+    T, stride, C = hp.eval_seq_len, hp.eval_stride, hp.ttt_chunk_tokens
+    starts = sliding_window_starts(n_targets, T, stride)
+    first_scored = starts + sliding_score_from(starts, T, stride)
+    n_chunks = _ceil_div(n_targets, C)
+    chunk_of = np.minimum(first_scored // C, n_chunks - 1)  # non-decreasing, so chunks are contiguous window ranges
+    bounds = np.searchsorted(chunk_of, np.arange(n_chunks + 1))
+    plan, scored_end, trained_end = [], 0, 0
+    for c in range(n_chunks):
+        w0, w1 = int(bounds[c]), int(bounds[c + 1])
+        if w1 > w0:
+            scored_end = min(int(starts[w1 - 1]) + T, n_targets)
+        seqs = (scored_end - trained_end) // T if c < n_chunks - 1 else 0
+        # The legality condition itself: nothing is trained on before it has been scored.
+        assert trained_end + seqs * T <= scored_end
+        plan.append(TTTChunk(c, w0, w1, trained_end, seqs))
+        trained_end += seqs * T
+    return plan
+
+
+def _ttt_lr(hp: Hyperparameters, chunk: int, n_chunks: int) -> float:
+    return hp.ttt_lr * 0.5 * (1.0 + math.cos(math.pi * chunk / max(n_chunks - 1, 1)))
+
+
+def _plain_batch_rows(hp: Hyperparameters) -> int:
+    # VAL_BATCH_TOKENS is the global batch of 8 GPUs, as TRAIN_BATCH_TOKENS is (fewer GPUs accumulate), so a forward
+    # has the same rows, and the same memory, on any world size: 524,288 / 8 / 2048 = 32.
+    return max(1, hp.val_batch_tokens // (8 * hp.eval_seq_len))
+
+
+def _all_reduce(t: Tensor, ctx: RunContext) -> Tensor:
+    if ctx.world_size > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def _rank_share(n: int, ctx: RunContext) -> tuple[int, int]:
+    return n * ctx.rank // ctx.world_size, n * (ctx.rank + 1) // ctx.world_size
+
+
+def _window_losses(model: nn.Module, x: Tensor, y: Tensor, lo: int) -> Tensor:
+    """fp32 CE of in-window positions lo..T-1. Compiled with the model, so the fp32 logits are fused into the CE."""
+    logits = model.forward_logits(x)[:, lo:]
+    return F.cross_entropy(logits.float().flatten(0, 1), y[:, lo:].flatten(), reduction="none").view(y.shape[0], -1)
+
+
+def _train_loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    return model(x, y)
+
+
+_COMPILED: dict = {}
+
+
+def _compiled(fn, hp: Hyperparameters):
+    """One compiled wrapper per function for the process. The model is an argument, not a closure, so every copy of
+    the architecture (quantized model, TTT copy) runs the graphs compiled in eval_warmup."""
+    if not hp.compile:
+        return fn
+    key = (fn, EVAL_COMPILE_BACKEND)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(fn, dynamic=False, fullgraph=True, backend=EVAL_COMPILE_BACKEND)
+    return _COMPILED[key]
+
+
+class _Windows:
+    """A rank's windows in segments (one per TTT chunk; one for plain and sliding), each padded to whole batches
+    and uploaded once: a host-to-device copy per batch would stall the GPU queue. Padding rows score nothing."""
+
+    def __init__(self, segments: list[tuple[np.ndarray, np.ndarray]], batch: int, seq_len: int, device):
+        starts, score_from, lo, self.segments = [], [], [], []
+        for seg_starts, seg_from in segments:
+            pad = -len(seg_starts) % batch
+            starts.append(np.concatenate([seg_starts, np.zeros(pad, np.int64)]))
+            score_from.append(np.concatenate([seg_from, np.full(pad, seq_len, np.int64)]))
+            first = len(lo)
+            lo += score_from[-1].reshape(-1, batch).min(axis=1).tolist()  # CE is computed from here on
+            self.segments.append((first, len(lo)))
+        self.batch, self.lo = batch, lo
+        self.starts = torch.from_numpy(np.concatenate(starts or [np.zeros(0, np.int64)])).to(device)
+        self.score_from = torch.from_numpy(np.concatenate(score_from or [np.zeros(0, np.int64)])).to(device)
+
+
+class _ScoreSums:
+    """One evaluation's running sums on this rank, kept on the device so the loop never waits for the host; plus a
+    hit count per target, which turns "every target scored exactly once" from a promise into a checked fact."""
+
+    def __init__(self, n_targets: int, device, keep_losses: bool):
+        self.n = n_targets
+        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.tokens = torch.zeros((), dtype=torch.int64, device=device)
+        self.bytes = torch.zeros((), dtype=torch.int64, device=device)
+        self.hits = torch.zeros(n_targets, dtype=torch.int32, device=device)
+        self.losses = torch.zeros(n_targets, dtype=torch.float64, device=device) if keep_losses else None
+
+    def add(self, ce: Tensor, scored: Tensor, target: Tensor, nbytes: Tensor) -> None:
+        ce = torch.where(scored, ce, 0.0)
+        self.loss += ce.sum(dtype=torch.float64)
+        self.tokens += scored.sum()
+        self.bytes += (nbytes * scored).sum()
+        index = target.clamp(max=self.n - 1).flatten()  # unscored positions add zero wherever they point
+        self.hits.scatter_add_(0, index, scored.flatten().to(torch.int32))
+        if self.losses is not None:
+            self.losses.scatter_add_(0, index, ce.flatten().double())
+
+
+def _score_batches(model, tokens, windows: _Windows, batches: range, tables, sums: _ScoreSums, hp, ctx,
+                   on_batch=None) -> None:
+    """Score the given batches of windows under no_grad with the model's current weights."""
+    T, B, n = hp.eval_seq_len, windows.batch, tokens.numel() - 1
+    fn = _compiled(_window_losses, hp)
+    offsets = torch.arange(T + 1, device=tokens.device)
+    model.eval()
+    with torch.no_grad():
+        for b in batches:
+            rows = slice(b * B, (b + 1) * B)
+            starts, score_from, lo = windows.starts[rows], windows.score_from[rows], windows.lo[b]
+            seq = tokens[(starts[:, None] + offsets).clamp_(max=n)]  # past the stream's end: never scored
+            x, y = seq[:, :-1], seq[:, 1:]
+            with ctx.autocast(), sdpa_context():
+                ce = fn(model, x, y, lo)
+            pos = offsets[lo:T]
+            target = starts[:, None] + pos
+            scored = (pos >= score_from[:, None]) & (target < n)
+            # The in-window previous token is the stream's previous token, so bytes match the stream's byte total.
+            sums.add(ce, scored, target, count_target_bytes(x[:, lo:], y[:, lo:], tables))
+            if on_batch is not None:
+                on_batch(b + 1)
+
+
+class _Progress:
+    """At a few fractions of a long phase, rank 0 logs elapsed time and the phase time it projects from the real
+    batches done so far (one device sync each)."""
+
+    def __init__(self, label: str | None, total: int, t0: float, ctx: RunContext):
+        self.label, self.total, self.t0, self.ctx = label, total, t0, ctx
+        self.marks = sorted({max(1, round(f * total)) for f in PROGRESS_FRACTIONS}) if label and total else []
+
+    def tick(self, done: int) -> None:
+        if not self.marks or done < self.marks[0]:
+            return
+        self.marks = [m for m in self.marks if m > done]
+        if self.ctx.rank == 0:
+            self.ctx.sync()
+            elapsed = time.perf_counter() - self.t0
+            self.ctx.log(f"{self.label}:progress {done}/{self.total} elapsed:{elapsed:.1f}s "
+                         f"projected:{elapsed * self.total / done:.0f}s")
+
+
+def _build_lazy_state(model: nn.Module, hp: Hyperparameters, ctx: RunContext) -> None:
+    """One eager forward of a single window before any compiled call. A model that builds state lazily (the RoPE
+    tables cached per length) would otherwise be traced once with the state missing and again with it present, and
+    every fresh copy (the TTT model) would recompile inside the timed phase."""
+    with torch.no_grad(), ctx.autocast(), sdpa_context():
+        model.forward_logits(torch.zeros(1, hp.eval_seq_len, dtype=torch.int64, device=ctx.device))
+
+
+def _start_clock(model: nn.Module, hp: Hyperparameters, ctx: RunContext) -> float:
+    if ctx.world_size > 1:
+        dist.barrier()
+    ctx.sync()
+    t0 = time.perf_counter()
+    _build_lazy_state(model, hp, ctx)
+    return t0
+
+
+def _on_device(val_tokens: Tensor, tables, ctx: RunContext):
+    return val_tokens.to(ctx.device), tuple(t.to(ctx.device) for t in tables)
+
+
+def _finish(sums: _ScoreSums, tokens, tables, label, counted, t0, ctx) -> EvalResult:
+    totals = _all_reduce(torch.stack([sums.loss, sums.tokens.double(), sums.bytes.double()]), ctx)
+    _all_reduce(sums.hits, ctx)
+    if sums.losses is not None:
+        _all_reduce(sums.losses, ctx)
+    loss_sum, n_tokens, n_bytes = totals.tolist()
+    expected_bytes = int(count_target_bytes(tokens[:-1], tokens[1:], tables).sum())
+    exactly_once = bool((sums.hits == 1).all())
+    val_loss = loss_sum / max(n_tokens, 1)
+    val_bpb = loss_sum / (math.log(2) * max(n_bytes, 1))
+    ctx.sync()
+    seconds = time.perf_counter() - t0
+    result = EvalResult(label, counted, val_loss, val_bpb, int(n_tokens), int(n_bytes), sums.n, expected_bytes,
+                        exactly_once, seconds, sums.losses.cpu() if sums.losses is not None else None)
+    if counted:
+        ctx.counted_eval_seconds += seconds
+    if label:
+        ctx.log(f"{label} val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} eval_time:{1000 * seconds:.0f}ms")
+        ctx.log(f"coverage {label} val_tokens:{result.tokens} val_bytes:{result.bytes} "
+                f"expected_tokens:{result.expected_tokens} expected_bytes:{expected_bytes} "
+                f"exactly_once:{int(exactly_once)}")
+        if not result.covered:
+            ctx.log(f"ERROR coverage {label}: the scored targets are not exactly the validation stream; "
+                    "this val_bpb is not a valid result")
+    return result
+
+
+def eval_val(model: nn.Module, val_tokens: Tensor, tables, hp: Hyperparameters, ctx: RunContext,
+             label: str | None = "quantized", counted: bool = True, return_losses: bool = False) -> EvalResult:
+    """Non-overlapping eval (ANCHORS 2.3): EVAL_SEQ_LEN blocks, each target with context from its own block only.
+    Blocks are split contiguously over ranks; a final partial block is scored too, so no target is dropped.
+    label=None logs nothing (periodic validation); counted=False keeps the time off the eval clock."""
+    t0 = _start_clock(model, hp, ctx)
+    tokens, tables = _on_device(val_tokens, tables, ctx)
+    n, T = tokens.numel() - 1, hp.eval_seq_len
+    lo, hi = _rank_share(_ceil_div(n, T), ctx)
+    starts = np.arange(lo, hi, dtype=np.int64) * T
+    windows = _Windows([(starts, np.zeros_like(starts))], _plain_batch_rows(hp), T, ctx.device)
+    sums = _ScoreSums(n, ctx.device, return_losses)
+    _score_batches(model, tokens, windows, range(len(windows.lo)), tables, sums, hp, ctx)
+    return _finish(sums, tokens, tables, label, counted, t0, ctx)
+
+
+def eval_val_sliding(model: nn.Module, val_tokens: Tensor, tables, hp: Hyperparameters, ctx: RunContext,
+                     label: str | None = "quantized_sliding_window", counted: bool = True,
+                     return_losses: bool = False) -> EvalResult:
+    """Sliding-window eval (ANCHORS 2.4), windows split contiguously over ranks, SLIDING_BATCH_WINDOWS per forward."""
+    t0 = _start_clock(model, hp, ctx)
+    tokens, tables = _on_device(val_tokens, tables, ctx)
+    n, T, stride = tokens.numel() - 1, hp.eval_seq_len, hp.eval_stride
+    all_starts = sliding_window_starts(n, T, stride)
+    lo, hi = _rank_share(len(all_starts), ctx)
+    starts = all_starts[lo:hi]
+    windows = _Windows([(starts, sliding_score_from(starts, T, stride))], SLIDING_BATCH_WINDOWS, T, ctx.device)
+    sums = _ScoreSums(n, ctx.device, return_losses)
+    progress = _Progress(label, len(windows.lo), t0, ctx)
+    _score_batches(model, tokens, windows, range(len(windows.lo)), tables, sums, hp, ctx, on_batch=progress.tick)
+    return _finish(sums, tokens, tables, label, counted, t0, ctx)
+
+
+def _ttt_accumulate_grads(model, tokens, chunk: TTTChunk, hp: Hyperparameters, ctx: RunContext) -> None:
+    """Backward of this rank's share of the chunk's mean CE. Each micro-batch's mean is weighted by its share of the
+    chunk's sequences, so the sum over micro-batches and ranks is the chunk mean on any world size."""
+    T = hp.eval_seq_len
+    fn = _compiled(_train_loss, hp)
+    lo, hi = _rank_share(chunk.train_seqs, ctx)
+    model.train()
+    for s0 in range(lo, hi, TTT_SEQS_PER_FORWARD):
+        rows = min(TTT_SEQS_PER_FORWARD, hi - s0)
+        a = chunk.train_start + s0 * T
+        x, y = tokens[a:a + rows * T].view(rows, T), tokens[a + 1:a + 1 + rows * T].view(rows, T)
+        with ctx.autocast(), sdpa_context():
+            loss = fn(model, x, y)
+        (loss * (rows / chunk.train_seqs)).backward()
+    model.eval()
+
+
+def _reduce_and_clip_grads(params: list[Tensor], max_norm: float, ctx: RunContext) -> None:
+    """Sum the ranks' gradients in one collective over a flat fp32 buffer (one per tensor costs ~100 latencies per
+    step), then clip by global norm as clip_grad_norm_ does."""
+    grads = [p.grad for p in params]
+    flat = _all_reduce(torch.cat([g.flatten().float() for g in grads]), ctx)
+    if max_norm > 0:
+        flat.mul_((max_norm / (flat.norm() + 1e-6)).clamp(max=1.0))
+    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(part.view_as(g))
+
+
+def eval_val_ttt(model: nn.Module, val_tokens: Tensor, tables, hp: Hyperparameters, ctx: RunContext,
+                 label: str | None = "quantized_ttt", counted: bool = True, return_losses: bool = False) -> EvalResult:
+    """Legal score-first TTT (ANCHORS 6.1) over the sliding windows. Every window of a chunk is scored under no_grad
+    before that chunk trains the model (SGD with momentum, TTT_EPOCHS steps, cosine lr over chunks, clipping,
+    gradients summed over ranks). Trains `model` in place: pass a copy that is not needed afterwards."""
+    t0 = _start_clock(model, hp, ctx)
+    tokens, tables = _on_device(val_tokens, tables, ctx)
+    n, T, stride = tokens.numel() - 1, hp.eval_seq_len, hp.eval_stride
+    plan = ttt_plan(n, hp)
+    all_starts = sliding_window_starts(n, T, stride)
+    all_from = sliding_score_from(all_starts, T, stride)
+    segments = []
+    for chunk in plan:
+        lo, hi = _rank_share(chunk.end_window - chunk.first_window, ctx)
+        window_range = slice(chunk.first_window + lo, chunk.first_window + hi)
+        segments.append((all_starts[window_range], all_from[window_range]))
+    windows = _Windows(segments, SLIDING_BATCH_WINDOWS, T, ctx.device)
+    sums = _ScoreSums(n, ctx.device, return_losses)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:  # persistent zero grads: ranks without sequences in a chunk still contribute to the all-reduce
+        p.grad = torch.zeros_like(p)
+    optimizer = torch.optim.SGD(params, lr=hp.ttt_lr, momentum=hp.ttt_momentum)
+    if label:
+        ctx.log(f"ttt:start chunks={len(plan)} ttt_lr={hp.ttt_lr} ttt_epochs={hp.ttt_epochs}")
+    progress = _Progress(label, len(plan), t0, ctx)
+    for chunk, (b0, b1) in zip(plan, windows.segments):
+        _score_batches(model, tokens, windows, range(b0, b1), tables, sums, hp, ctx)  # weights of chunks < this one
+        if chunk.train_seqs:
+            for group in optimizer.param_groups:
+                group["lr"] = _ttt_lr(hp, chunk.index, len(plan))
+            for _ in range(hp.ttt_epochs):
+                optimizer.zero_grad(set_to_none=False)
+                _ttt_accumulate_grads(model, tokens, chunk, hp, ctx)
+                _reduce_and_clip_grads(params, hp.ttt_grad_clip, ctx)
+                optimizer.step()
+        progress.tick(chunk.index + 1)
+    for p in params:
+        p.grad = None
+    return _finish(sums, tokens, tables, label, counted, t0, ctx)
+
+
+def _mean_seconds(fn, ctx: RunContext, repeats: int = 2) -> float:
+    ctx.sync()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    ctx.sync()
+    return (time.perf_counter() - t0) / repeats
+
+
+def eval_warmup(model: nn.Module, hp: Hyperparameters, ctx: RunContext) -> EvalTimings:
+    """Compile every shape the evaluations use, then time steady-state steps for log_eval_projection. Random tokens
+    only, never validation tokens; no optimizer step, so the weights are untouched. Not on the eval clock. Set the
+    model's mode (looping) first: the graphs are specialized to it."""
+    t0 = time.perf_counter()
+    _build_lazy_state(model, hp, ctx)
+    device, T, stride, B = ctx.device, hp.eval_seq_len, hp.eval_stride, SLIDING_BATCH_WINDOWS
+    rows = _plain_batch_rows(hp)
+    typical_chunk_seqs = hp.ttt_chunk_tokens // T if hp.ttt_enabled else 0
+    # Long enough for one plain batch, two sliding batches (the first scores from 0, later ones from T - stride)
+    # and one typical TTT chunk.
+    n = max(rows * T, 2 * B * stride + T, typical_chunk_seqs * T)
+    generator = torch.Generator().manual_seed(hp.seed)
+    tokens = torch.randint(0, hp.vocab_size, (n + 1,), generator=generator).to(device)
+    tables = (torch.zeros(hp.vocab_size, dtype=torch.int16, device=device),
+              torch.zeros(hp.vocab_size, dtype=torch.bool, device=device),
+              torch.zeros(hp.vocab_size, dtype=torch.bool, device=device))
+    sums = _ScoreSums(n, device, keep_losses=False)
+    plain_starts = np.arange(rows, dtype=np.int64) * T
+    plain = _Windows([(plain_starts, np.zeros_like(plain_starts))], rows, T, device)
+    slide_starts = sliding_window_starts(n, T, stride)[:2 * B]
+    slide = _Windows([(slide_starts, sliding_score_from(slide_starts, T, stride))], B, T, device)
+
+    def score(windows, batches):
+        return lambda: _score_batches(model, tokens, windows, batches, tables, sums, hp, ctx)
+
+    score(slide, range(len(slide.lo)))()
+    sliding_batch = _mean_seconds(score(slide, range(len(slide.lo) - 1, len(slide.lo))), ctx)
+    score(plain, range(1))()
+    plain_batch = _mean_seconds(score(plain, range(1)), ctx)
+    ttt_step = 0.0
+    if typical_chunk_seqs:
+        params = [p for p in model.parameters() if p.requires_grad]
+        chunk = TTTChunk(0, 0, 0, 0, typical_chunk_seqs)
+        for p in params:
+            p.grad = torch.zeros_like(p)
+
+        def ttt_epoch():  # as in eval_val_ttt, without the optimizer step
+            for p in params:
+                p.grad.zero_()
+            _ttt_accumulate_grads(model, tokens, chunk, hp, ctx)
+            _reduce_and_clip_grads(params, hp.ttt_grad_clip, ctx)
+
+        ttt_epoch()
+        ttt_step = _mean_seconds(ttt_epoch, ctx)
+        for p in params:
+            p.grad = None
+    model.eval()
+    timings = EvalTimings(time.perf_counter() - t0, plain_batch, sliding_batch, ttt_step)
+    ctx.log(f"eval_warmup: compiled and timed on random tokens (no validation data) in {timings.warmup_seconds:.1f}s, "
+            f"not on the eval clock; plain_batch:{1000 * plain_batch:.1f}ms sliding_batch:{1000 * sliding_batch:.1f}ms "
+            f"ttt_step:{1000 * ttt_step:.1f}ms")
+    return timings
+
+
+def log_eval_projection(n_targets: int, timings: EvalTimings, hp: Hyperparameters, ctx: RunContext) -> float:
+    """Project the phases still to come (sliding if enabled, TTT if enabled) from eval_warmup's step times times the
+    number of batches and chunks a rank will run; add the time already counted; warn loudly over budget."""
+    T, stride, B, W = hp.eval_seq_len, hp.eval_stride, SLIDING_BATCH_WINDOWS, ctx.world_size
+    sliding = ttt = 0.0
+    if hp.sliding_window_enabled:
+        windows = len(sliding_window_starts(n_targets, T, stride))
+        sliding = _ceil_div(_ceil_div(windows, W), B) * timings.sliding_batch
+    if hp.ttt_enabled:
+        for chunk in ttt_plan(n_targets, hp):
+            batches = _ceil_div(_ceil_div(chunk.end_window - chunk.first_window, W), B)
+            ttt += batches * timings.sliding_batch + (hp.ttt_epochs * timings.ttt_step if chunk.train_seqs else 0.0)
+    total = ctx.counted_eval_seconds + sliding + ttt
+    budget = hp.eval_budget_seconds
+    ctx.log(f"eval_projection: sliding ~{sliding:.0f}s ttt ~{ttt:.0f}s total ~{total:.0f}s budget {budget:.0f}s")
+    if total > budget:
+        advice = []
+        if hp.sliding_window_enabled and hp.ttt_enabled:
+            advice.append(f"SLIDING_WINDOW_ENABLED=0 (TTT scores the same windows itself; saves ~{sliding:.0f}s)")
+        advice.append(f"a larger EVAL_STRIDE (now {stride}; window cost scales with 1/stride)")
+        if hp.ttt_enabled:
+            advice += [f"fewer TTT_EPOCHS (now {hp.ttt_epochs})", f"TTT_ENABLED=0 (saves ~{ttt:.0f}s)"]
+        ctx.log("!" * 100 + f"\nWARNING eval_projection: ~{total:.0f}s exceeds EVAL_BUDGET_SECONDS={budget:.0f}s by "
+                f"~{total - budget:.0f}s. Set " + ", or ".join(advice) + "\n" + "!" * 100)
+    return total
+
+
+def log_eval_summary(results: list[EvalResult], hp: Hyperparameters, ctx: RunContext,
+                     timings: EvalTimings | None = None) -> float:
+    """One line with every phase's time; the budget applies to the counted total."""
+    def name(r):
+        return (r.label or "unlabelled").replace(" ", "_")
+
+    counted = " ".join(f"{name(r)}:{r.seconds:.1f}s" for r in results if r.counted)
+    uncounted = [f"{name(r)}:{r.seconds:.1f}s" for r in results if not r.counted]
+    if timings is not None:
+        uncounted.insert(0, f"eval_warmup:{timings.warmup_seconds:.1f}s")
+    total = ctx.counted_eval_seconds
+    ctx.log(f"eval_summary: {counted} total_eval_time:{total:.1f}s budget:{hp.eval_budget_seconds:.0f}s "
+            f"(not counted: {' '.join(uncounted) or 'nothing'})")
+    if total > hp.eval_budget_seconds:
+        ctx.log(f"WARNING eval_summary: counted evaluation took {total:.1f}s, over EVAL_BUDGET_SECONDS="
+                f"{hp.eval_budget_seconds:.0f}s; see the eval_projection advice")
+    return total
+
 
 # =====================================================================================================
 # 8. Main
