@@ -506,21 +506,23 @@ class CastedLinear(nn.Linear):
 
 
 class Rotary(nn.Module):
-    """Partial RoPE on the first `dims` channels of each head, half-split pairing, tables cached per length."""
+    """Partial RoPE on the first `dims` channels of each head, half-split pairing.
 
-    def __init__(self, dims: int, base: float):
+    The cos/sin tables are buffers built once for `max_len` positions, so fresh model copies (the TTT model, the
+    dequantized model) compile to the same graph as the training model.
+    """
+
+    def __init__(self, dims: int, base: float, max_len: int):
         super().__init__()
         self.dims = dims
-        self.register_buffer("inv_freq", base ** (-torch.arange(0, dims, 2, dtype=torch.float32) / dims), persistent=False)
-        self._cache: dict = {}
+        inv_freq = base ** (-torch.arange(0, dims, 2, dtype=torch.float32) / dims)
+        freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+        self.register_buffer("cos", freqs.cos()[None, :, None, :], persistent=False)
+        self.register_buffer("sin", freqs.sin()[None, :, None, :], persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:  # x: [B, T, H, D]
         T = x.size(1)
-        key = (T, x.device, x.dtype)
-        if key not in self._cache:
-            freqs = torch.outer(torch.arange(T, device=x.device, dtype=torch.float32), self.inv_freq.to(x.device))
-            self._cache[key] = (freqs.cos()[None, :, None, :].to(x.dtype), freqs.sin()[None, :, None, :].to(x.dtype))
-        cos, sin = self._cache[key]
+        cos, sin = self.cos[:, :T].to(x.dtype), self.sin[:, :T].to(x.dtype)
         half = self.dims // 2
         a, b, rest = x[..., :half], x[..., half:self.dims], x[..., self.dims:]
         return torch.cat((a * cos + b * sin, b * cos - a * sin, rest), dim=-1)
@@ -594,7 +596,7 @@ def sdpa_context():
 
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int, rope_dims: int, rope_base: float,
-                 qk_gain_init: float, xsa: bool):
+                 qk_gain_init: float, xsa: bool, max_len: int):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, dim // num_heads
         self.c_q = CastedLinear(dim, dim)
@@ -602,7 +604,7 @@ class Attention(nn.Module):
         self.c_v = CastedLinear(dim, num_kv_heads * self.head_dim)
         self.proj = CastedLinear(dim, dim)
         self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init, dtype=torch.float32))
-        self.rotary = Rotary(rope_dims, rope_base)
+        self.rotary = Rotary(rope_dims, rope_base, max_len)
         self.xsa = xsa
 
     def forward(self, u: Tensor) -> Tensor:
@@ -637,7 +639,8 @@ class Block(nn.Module):
         super().__init__()
         dim = hp.model_dim
         self.attn = Attention(dim, hp.num_heads, hp.num_kv_heads, hp.rope_dims, hp.rope_base, hp.qk_gain_init,
-                              xsa=layer >= hp.num_layers - hp.xsa_last_n)
+                              xsa=layer >= hp.num_layers - hp.xsa_last_n,
+                              max_len=max(hp.train_seq_len, hp.eval_seq_len))
         self.mlp = MLP(dim, int(hp.mlp_mult * dim))
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
@@ -1288,20 +1291,11 @@ class _Progress:
                          f"projected:{elapsed * self.total / done:.0f}s")
 
 
-def _build_lazy_state(model: nn.Module, hp: Hyperparameters, ctx: RunContext) -> None:
-    """One eager forward of a single window before any compiled call. A model that builds state lazily (the RoPE
-    tables cached per length) would otherwise be traced once with the state missing and again with it present, and
-    every fresh copy (the TTT model) would recompile inside the timed phase."""
-    with torch.no_grad(), ctx.autocast(), sdpa_context():
-        model.forward_logits(torch.zeros(1, hp.eval_seq_len, dtype=torch.int64, device=ctx.device))
-
-
 def _start_clock(model: nn.Module, hp: Hyperparameters, ctx: RunContext) -> float:
     if ctx.world_size > 1:
         dist.barrier()
     ctx.sync()
     t0 = time.perf_counter()
-    _build_lazy_state(model, hp, ctx)
     return t0
 
 
@@ -1452,7 +1446,6 @@ def eval_warmup(model: nn.Module, hp: Hyperparameters, ctx: RunContext) -> EvalT
     only, never validation tokens; no optimizer step, so the weights are untouched. Not on the eval clock. Set the
     model's mode (looping) first: the graphs are specialized to it."""
     t0 = time.perf_counter()
-    _build_lazy_state(model, hp, ctx)
     device, T, stride, B = ctx.device, hp.eval_seq_len, hp.eval_stride, SLIDING_BATCH_WINDOWS
     rows = _plain_batch_rows(hp)
     typical_chunk_seqs = hp.ttt_chunk_tokens // T if hp.ttt_enabled else 0

@@ -65,7 +65,7 @@ def test_model_is_causal_and_loops_change_the_function(smoke_data):
 
 
 def test_rotary_leaves_non_rotary_dims_and_norms():
-    rot = tg.Rotary(16, 10000.0)
+    rot = tg.Rotary(16, 10000.0, 32)
     x = torch.randn(1, 9, 2, 64)
     out = rot(x)
     assert torch.equal(out[..., 16:], x[..., 16:])
