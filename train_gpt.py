@@ -1602,6 +1602,69 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def calibration_batches(hp: Hyperparameters, ctx: RunContext, train_files: list[str], n: int, micro_seqs: int):
+    """Training batches for the GPTQ Hessians (never validation data), from a loader of their own."""
+    loader = ShuffledSequenceLoader(train_files, hp.train_seq_len, hp.seed + 1, ctx.rank, ctx.world_size, ctx.device)
+    return [loader.next_batch(micro_seqs) for _ in range(n)]
+
+
+def measure_gptq_reserve(hp: Hyperparameters, ctx: RunContext, model: GPT, train_files, micro_seqs: int) -> float:
+    """Seconds to reserve for Hessian collection: one calibration batch timed (after one untimed), times the count.
+
+    Calibration reads training data, so it counts against the training budget; measuring it replaces the records'
+    hand-set guess (12 s) and adapts to the GPU count, the batch size and GPTQ_CALIBRATION_BATCHES.
+    """
+    if hp.gptq_reserve_seconds >= 0:
+        ctx.log(f"gptq:reserve set by GPTQ_RESERVE_SECONDS={hp.gptq_reserve_seconds:.1f}s")
+        return hp.gptq_reserve_seconds
+    looping, model.looping = model.looping, hp.num_loops > 0
+    batches = calibration_batches(hp, ctx, train_files, 2, micro_seqs)
+    collect_hessians(model, batches[:1])
+    _, per_batch = collect_hessians(model, batches[1:])
+    model.looping = looping
+    reserve = 1.15 * per_batch * hp.gptq_calibration_batches + 1.0  # 15% + 1 s for loader and all-reduce jitter
+    ctx.log(f"gptq:measured {per_batch:.3f}s per calibration batch x {hp.gptq_calibration_batches} batches")
+    return all_reduce_max(ctx, reserve)
+
+
+def load_quantized_model(hp: Hyperparameters, ctx: RunContext, path: str) -> GPT:
+    """A fresh model with the artifact's dequantized weights, looping on (all evaluations run looped)."""
+    tensors, meta = load_artifact(path)
+    model = build_model(hp, ctx.device)
+    model.load_state_dict(dequantize_state_dict(tensors, meta, model.state_dict()))
+    model.looping = hp.num_loops > 0
+    return model
+
+
+def evaluate_artifact(hp: Hyperparameters, ctx: RunContext, path: str, val_tokens, tables, summary: dict) -> None:
+    """Quantized, sliding-window and score-first TTT evaluations of the artifact, each on a fresh copy."""
+    model = load_quantized_model(hp, ctx, path)
+    timings = eval_warmup(model, hp, ctx)
+    results = [eval_val(model, val_tokens, tables, hp, ctx, label="quantized")]
+    log_eval_projection(val_tokens.numel() - 1, timings, hp, ctx)
+    if hp.sliding_window_enabled:
+        results.append(eval_val_sliding(model, val_tokens, tables, hp, ctx, label="quantized_sliding_window"))
+    if hp.ttt_enabled:
+        del model
+        model = load_quantized_model(hp, ctx, path)
+        ctx.log(f"ttt:start chunks={len(ttt_plan(val_tokens.numel() - 1, hp))} ttt_lr={hp.ttt_lr} "
+                f"ttt_epochs={hp.ttt_epochs}")
+        results.append(eval_val_ttt(model, val_tokens, tables, hp, ctx, label="quantized_ttt"))
+    summary["eval_time_s"] = log_eval_summary(results, hp, ctx, timings)
+    for r in results:
+        summary["evals"][r.label] = dict(val_loss=r.val_loss, val_bpb=r.val_bpb, eval_time_s=r.seconds,
+                                         val_tokens=r.tokens, val_bytes=r.bytes, expected_tokens=r.expected_tokens,
+                                         covered=r.covered)
+    final = results[-1]
+    summary.update(final_label=final.label, val_loss=final.val_loss, val_bpb=final.val_bpb,
+                   ttt=dict(mode="score_first" if hp.ttt_enabled else "off", score_before_update=True))
+
+
+def write_summary(hp: Hyperparameters, ctx: RunContext, summary: dict) -> None:
+    if ctx.is_main:
+        atomic_write_bytes(os.path.join(hp.artifact_dir, "summary.json"), json.dumps(summary, indent=2).encode())
+
+
 def main() -> None:
     hp = load_hyperparameters()
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -1609,6 +1672,8 @@ def main() -> None:
     if hp.dry_run:
         dry_run(hp)
         return
+    if hp.eval_only and not os.path.isfile(hp.artifact_path):
+        raise SystemExit(f"config error: ARTIFACT_PATH={hp.artifact_path} does not exist")
     train_files, val_files, val_tokens, byte_tables = prepare_data(hp, int(os.environ.get("RANK", "0")))
     ctx = setup_distributed()
     os.makedirs(hp.artifact_dir, exist_ok=True)
@@ -1623,37 +1688,77 @@ def main() -> None:
     tables = tuple(torch.from_numpy(t).to(ctx.device) for t in byte_tables)
     summary = dict(seed=hp.seed, run_id=hp.run_id, world_size=ctx.world_size, gpu=gpu, torch_version=torch.__version__,
                    python_version=sys.version.split()[0], hyperparameters=dataclasses.asdict(hp), evals={})
+    script = os.path.abspath(__file__)
+    artifact_path = hp.artifact_path if hp.eval_only else os.path.join(hp.artifact_dir, "final_model.int6.ptz")
+    if hp.eval_only:
+        ctx.log(f"EVAL_ONLY=1: evaluating {artifact_path} without training")
+    else:
+        train_and_quantize(hp, ctx, train_files, val_tokens, tables, script, artifact_path, summary)
+    total, lines, fits = size_report(artifact_path, script, hp.compressor)
+    for line in lines:
+        ctx.log(line)
+    summary.update(artifact_bytes=os.path.getsize(artifact_path), code_bytes=total - os.path.getsize(artifact_path),
+                   total_bytes=total, size_cap_ok=fits)
+    write_summary(hp, ctx, summary)
+    evaluate_artifact(hp, ctx, artifact_path, val_tokens, tables, summary)
+    write_summary(hp, ctx, summary)
+    if ctx.distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def train_and_quantize(hp, ctx, train_files, val_tokens, tables, script, artifact_path, summary) -> None:
     seed_everything(hp.seed)
     model = build_model(hp, ctx.device)
     ctx.log(f"model_params:{sum(p.numel() for p in model.parameters())}")
-    script = os.path.abspath(__file__)
-    # ---- training ----
     trainer = Trainer(hp, ctx, model, train_files)
     ctx.log(f"grad_accum_steps:{trainer.grad_accum} micro_batch_seqs:{trainer.micro_seqs}")
     t_warm = time.perf_counter()
     trainer.compile_warmup()
     ctx.log(f"compile_warmup: {time.perf_counter() - t_warm:.1f}s")
-    reserve_s = hp.gptq_reserve_seconds if hp.gptq_reserve_seconds >= 0 else 12.0
+    reserve_s = measure_gptq_reserve(hp, ctx, model, train_files, trainer.micro_seqs)
     budget_ms = hp.max_wallclock_seconds * 1000 - reserve_s * 1000 if hp.max_wallclock_seconds > 0 else 0.0
-    ctx.log(f"gptq:reserving {reserve_s:.0f}s, effective={budget_ms:.0f}ms")
+    ctx.log(f"gptq:reserving {reserve_s:.1f}s, effective={budget_ms:.0f}ms")
 
     def validate(step: int, train_ms: float):
-        pass
+        r = eval_val(model, val_tokens, tables, hp, ctx, label=None, counted=False)
+        ctx.log(f"{step}/{hp.iterations} val_loss: {r.val_loss:.4f} val_bpb: {r.val_bpb:.4f}")
+        ctx.metric(event="val", step=step, val_loss=r.val_loss, val_bpb=r.val_bpb, train_time_ms=train_ms)
 
     ctx.log(f"training_start: {time.time() - PROCESS_START:.1f}s after launch")
     stats = train(hp, ctx, trainer, budget_ms, validate)
-    summary.update(steps=stats["steps"], looping_enabled_step=stats["looping_enabled_step"],
-                   train_time_s=stats["train_ms"] / 1000)
-    if ctx.is_main:
+    if ctx.is_main:  # the pre-quantization (EMA) model is kept whatever happens next
         buf = io.BytesIO()
         torch.save(model.state_dict(), buf)
         atomic_write_bytes(os.path.join(hp.artifact_dir, "final_model.pt"), buf.getvalue())
         ctx.log(f"Serialized model: {buf.tell()} bytes")
+    pre = eval_val(model, val_tokens, tables, hp, ctx, label="pre-quantization post-ema", counted=False)
+    summary["evals"][pre.label] = dict(val_loss=pre.val_loss, val_bpb=pre.val_bpb, eval_time_s=pre.seconds)
+    ctx.log("GPTQ:collecting Hessians from calibration data...")
+    model.looping = hp.num_loops > 0
+    calib_t0 = time.perf_counter()
+    hessians, _ = collect_hessians(model, calibration_batches(hp, ctx, train_files, hp.gptq_calibration_batches,
+                                                              trainer.micro_seqs))
+    calib_s = time.perf_counter() - calib_t0
+    counted_s = stats["train_ms"] / 1000 + calib_s
+    ctx.log(f"GPTQ:collected {len(hessians)} Hessians in {calib_s:.1f}s (reserved {reserve_s:.1f}s); "
+            f"counted training time {counted_s:.1f}s of {hp.max_wallclock_seconds:.0f}s")
+    if hp.max_wallclock_seconds > 0 and counted_s > hp.max_wallclock_seconds:
+        ctx.log(f"WARNING: training + calibration took {counted_s:.1f}s, over MAX_WALLCLOCK_SECONDS="
+                f"{hp.max_wallclock_seconds:.0f}s; set GPTQ_RESERVE_SECONDS higher or GPTQ_CALIBRATION_BATCHES lower")
+    summary.update(steps=stats["steps"], looping_enabled_step=stats["looping_enabled_step"], train_time_s=counted_s,
+                   gptq_hessian_s=calib_s, gptq_reserve_s=reserve_s)
     if ctx.is_main:
-        atomic_write_bytes(os.path.join(hp.artifact_dir, "summary.json"), json.dumps(summary, indent=2).encode())
+        t0 = time.perf_counter()
+        code_bytes, _ = counted_code_bytes(script)
+        blob, info = build_artifact(model.state_dict(), hessians, hp, code_bytes, log=ctx.log)
+        atomic_write_bytes(artifact_path, blob)
+        ctx.log(f"artifact: quantize+compress {time.perf_counter() - t0:.1f}s (compress {info['compress_seconds']:.1f}s) "
+                f"clip_scale:{info['clip_scale']:.4f}")
+        summary["quantization_s"] = time.perf_counter() - t0
+    write_summary(hp, ctx, summary)
     if ctx.distributed:
         dist.barrier()
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
