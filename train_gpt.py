@@ -539,12 +539,15 @@ def clip_group(name: str, hp: Hyperparameters) -> tuple[int, float]:
     return hp.matrix_bits, hp.matrix_clip_sigmas
 
 
-class _TF32:
-    """Temporarily allow TF32 matmuls. Only used on bf16/fp16 operands, whose values TF32 represents exactly."""
+class _AllowTF32:
+    """Allow TF32 matmuls inside the block when `allow` (for bf16/fp16 operands, whose values TF32 holds exactly)."""
+
+    def __init__(self, allow: bool):
+        self.allow = allow
 
     def __enter__(self):
         self.saved = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = self.saved or self.allow
 
     def __exit__(self, *exc):
         torch.backends.cuda.matmul.allow_tf32 = self.saved
@@ -574,10 +577,7 @@ def collect_hessians(model: nn.Module, batches) -> tuple[dict[str, Tensor], floa
         x = (output if use_output else inputs[0]).detach()
         if x is not last[0]:
             x2 = x.reshape(-1, x.shape[-1])
-            if x2.dtype in (torch.bfloat16, torch.float16):
-                with _TF32():  # exact products, fp32 accumulation, tensor-core speed
-                    last[1] = x2.float().T @ x2.float()
-            else:
+            with _AllowTF32(x2.dtype in (torch.bfloat16, torch.float16)):  # exact products, fp32 sums, tensor cores
                 last[1] = x2.float().T @ x2.float()
             last[0] = x
         if name not in hessians:
@@ -604,6 +604,8 @@ def collect_hessians(model: nn.Module, batches) -> tuple[dict[str, Tensor], floa
         if world > 1:
             dist.all_reduce(hessians[name])
         hessians[name] /= n_batches * world
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # so that the time returned includes the queued GPU work
     return hessians, time.perf_counter() - t0
 
 
