@@ -494,7 +494,7 @@ def counted_code_bytes(script_path: str) -> tuple[int, str]:
 # Pipeline: collect_hessians (every rank) -> build_artifact (rank 0: GPTQ, container, compression, size autopilot)
 # -> atomic_write_bytes -> size_report; load_artifact + dequantize_state_dict rebuild the weights for evaluation.
 
-QUANT_PASSTHROUGH_NUMEL = 65_536  # tensors this small are stored as fp16: their bytes do not matter, their precision might
+QUANT_PASSTHROUGH_NUMEL = 65_536  # tensors this small stay fp16: their bytes hardly count, their precision might
 EMBED_NAME = "tok_emb.weight"  # tied embedding; its GPTQ Hessian comes from the input of the logit matmul ...
 EMBED_HESSIAN_MODULE = "final_norm"  # ... which is the output of this module
 FP16_TINY = 2.0**-24  # smallest positive fp16 (subnormal)
@@ -512,15 +512,15 @@ CONTAINER_DTYPES = {str(d).removeprefix("torch."): d for d in (
 # lzma bindings release the GIL); the count is fixed, not taken from the core count, so that the artifact's bytes do
 # not depend on the machine. Measured (brotli 1.2.1, quality 11, lgwin 22):
 #   GPT-shaped stand-in (35.9M params, heavy-tailed rows, real GPTQ), 16-core H100 host: one stream 15,669,368 B in
-#   84.5 s; 8 chunks +383 B in 10.8 s; 16 chunks +248 B in 5.0 s. lzma preset 6 (8 chunks): +5.8% in 5.4 s.
+#   84.5 s; 8 chunks +383 B in 10.8 s; 16 chunks +248 B in 5.0-5.8 s. lzma preset 6 (8 chunks): +5.8% in 5.4 s.
 #   Synthetic 36.0 MB payload (int6 Student-t rows, int8 embedding, fp16 scales): one stream 15,704,630 B; 2 chunks
 #   +0.008%, 8 chunks +0.013%, 16 chunks +0.019%. A 16 MB window (lgwin 24) gained nothing (+368 B).
 COMPRESS_CHUNKS = 16
 
 # Size autopilot. On these tensors brotli-11 is a Huffman coder in effect: its output stays within 0.1% of the
 # Huffman code length of each int8 tensor's histogram, while the ratio to the order-0 entropy drifts from 1.008 to
-# 1.018 as the clip multiplier goes from 0.8 to 1.5 (brotli quality 5-9, another candidate, is 13% larger and slower
-# to run). So the Huffman length, cheap to compute, times a ratio measured on a real compression predicts the size.
+# 1.018 as the clip multiplier goes from 0.8 to 1.5 (brotli at quality 5-9, the other candidate, comes out 13% larger,
+# a poor proxy). So the Huffman length, cheap to compute, times a ratio measured on a real compression, predicts it.
 AUTOPILOT_PRIOR_RATIO = 0.998  # compressed bytes / estimate before a run measures its own (GPT-shaped stand-in)
 AUTOPILOT_SIZE_SLOPE = -0.4  # d log(bytes) / d log(multiplier) near the defaults: the first step's guess
 AUTOPILOT_TOLERANCE = 2e-4  # the search stops once the prediction is this close under its goal
@@ -644,7 +644,7 @@ def rtn_quantize(W: Tensor, bits: int, clip_sigmas: float) -> tuple[Tensor, Tens
 
 
 def _inverse_cholesky_upper(H: Tensor) -> Tensor:
-    """Upper U with UᵀU = H⁻¹ for a batch of damped Hessians; a matrix whose factorization fails gets more damping."""
+    """Upper U with UᵀU = H⁻¹ for a batch of damped Hessians; one whose factorization fails gets more damping."""
     eye = torch.eye(H.shape[-1], device=H.device, dtype=H.dtype)
     for _ in range(6):
         L, info = torch.linalg.cholesky_ex(H)
@@ -653,7 +653,7 @@ def _inverse_cholesky_upper(H: Tensor) -> Tensor:
         if not bad.any():
             return U
         H = H + bad[:, None, None] * 0.1 * H.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None] * eye
-    raise ArtifactError("GPTQ: a Hessian stays singular after damping (NaN/inf activations in calibation?)")
+    raise RuntimeError("GPTQ: a Hessian stays singular after damping (NaN or inf activations in calibration?)")
 
 
 def _gptq_prepare(W: Tensor, H: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -664,7 +664,7 @@ def _gptq_prepare(W: Tensor, H: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     diag.masked_fill_(dead, 1.0)
     W.masked_fill_(dead[:, None, :], 0.0)
     diag.add_(0.01 * diag.mean(-1, keepdim=True))
-    # Act-order: quantize the most active inputs first, while the most error-absorbing columns remain after them.
+    # Act-order: the inputs with the most energy go first, while the most columns remain to absorb their error.
     perm = torch.argsort(diag, dim=-1, descending=True, stable=True)
     W = W.gather(2, perm[:, None, :].expand_as(W))
     H = H.gather(1, perm[:, :, None].expand_as(H)).gather(2, perm[:, None, :].expand_as(H))
@@ -731,6 +731,7 @@ class QuantPlan:
 
 
 def plan_quantization(state_dict: dict[str, Tensor], hessians: dict[str, Tensor], hp: Hyperparameters) -> QuantPlan:
+    """Sort tensors into passthrough / RTN / GPTQ and factor the Hessians, batching matrices of one shape."""
     passthrough, rtn, units = {}, [], []  # unit: [H, [(name, W2d, bits, k), ...]] for matrices sharing H
     for name, t in state_dict.items():
         t = t.detach()
@@ -1048,7 +1049,8 @@ def _search_clip_scale(predict, goal: float, lo: float, hi: float, tried: list[f
         if todo:
             continue
         a, b = max(over, default=None), min(under, default=None)  # largest too big, smallest fitting
-        if b is not None and (b <= lo or under[b] >= goal * (1 - AUTOPILOT_TOLERANCE) or (a is not None and b < a * 1.001)):
+        close = b is not None and (under[b] >= goal * (1 - AUTOPILOT_TOLERANCE) or (a is not None and b < a * 1.001))
+        if b is not None and (b <= lo or close):
             return b
         if b is None and a >= hi:
             return hi
