@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 import uuid
+import warnings
 import zlib
 from pathlib import Path
 
@@ -30,6 +31,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+PROCESS_START = time.time()  # launch -> first timed step is reported (cold-start cost)
 
 # =====================================================================================================
 # 1. Configuration
@@ -56,7 +59,7 @@ class Hyperparameters:
     max_wallclock_seconds: float = 600.0
     warmdown_frac: float = 0.72
     min_lr: float = 0.0
-    warmup_steps: int = 20
+    warmup_steps: int = 3  # compile warm-up steps per graph; the records used 20, 3 suffice to compile
     train_batch_tokens: int = 786_432
     train_seq_len: int = 2048
     train_log_every: int = 500
@@ -128,7 +131,7 @@ class Hyperparameters:
 SMOKE_DEFAULTS = dict(
     vocab_size=512, num_layers=6, model_dim=64, num_heads=4, num_kv_heads=2, mlp_mult=2.0, rope_dims=8,
     xsa_last_n=6, loop_start=2, loop_end=3, parallel_residual_start=4, train_seq_len=128, eval_seq_len=128,
-    train_batch_tokens=4096, val_batch_tokens=4096, max_wallclock_seconds=12.0, warmup_steps=2,
+    train_batch_tokens=2048, val_batch_tokens=4096, max_wallclock_seconds=12.0, warmup_steps=2,
     train_log_every=10, val_loss_every=0, gptq_calibration_batches=2, gptq_reserve_seconds=0.0,
     eval_stride=32, ttt_chunk_tokens=1024, ttt_epochs=1, compile=0, muon_momentum_warmup_steps=20,
     matrix_lr=0.03, tied_embed_lr=0.05, scalar_lr=0.03, embed_bits=8,
@@ -246,6 +249,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the permissions open() would
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -330,7 +336,8 @@ def train_sentencepiece(docs, model_prefix: str, vocab_size: int, **overrides) -
                 split_digits=True, normalization_rule_name="nmt_nfkc", add_dummy_prefix=False, pad_id=0, bos_id=1,
                 eos_id=2, unk_id=3, hard_vocab_limit=False, num_threads=os.cpu_count() or 1)
     args.update(overrides)
-    spm.SentencePieceTrainer.train(sentence_iterator=sentences(), model_prefix=model_prefix, **args)
+    with open(os.devnull, "w") as quiet:
+        spm.SentencePieceTrainer.train(sentence_iterator=sentences(), model_prefix=model_prefix, logstream=quiet, **args)
     return model_prefix + ".model"
 
 
@@ -477,14 +484,581 @@ def counted_code_bytes(script_path: str) -> tuple[int, str]:
 # =====================================================================================================
 
 
+def rms_norm(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class RMSNorm(nn.Module):
+    """Weightless RMSNorm; a module (not a function) so that GPTQ calibration can hook the final norm's output."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return rms_norm(x)
+
+
+class CastedLinear(nn.Linear):
+    """fp32 master weight, matmul in the activation dtype (bf16 under autocast). No bias anywhere in the model."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight.to(x.dtype))
+
+
+class Rotary(nn.Module):
+    """Partial RoPE on the first `dims` channels of each head, half-split pairing.
+
+    The cos/sin tables are buffers built once for `max_len` positions, so fresh model copies (the TTT model, the
+    dequantized model) compile to the same graph as the training model.
+    """
+
+    def __init__(self, dims: int, base: float, max_len: int):
+        super().__init__()
+        self.dims = dims
+        inv_freq = base ** (-torch.arange(0, dims, 2, dtype=torch.float32) / dims)
+        freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+        self.register_buffer("cos", freqs.cos()[None, :, None, :], persistent=False)
+        self.register_buffer("sin", freqs.sin()[None, :, None, :], persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: [B, T, H, D]
+        T = x.size(1)
+        cos, sin = self.cos[:, :T].to(x.dtype), self.sin[:, :T].to(x.dtype)
+        half = self.dims // 2
+        a, b, rest = x[..., :half], x[..., half:self.dims], x[..., self.dims:]
+        return torch.cat((a * cos + b * sin, b * cos - a * sin, rest), dim=-1)
+
+
+def _pick_attention_backend() -> str:
+    """FA3 if importable; else on CUDA the fastest SDPA backend that does GQA natively (timed); 'math' on CPU."""
+    try:
+        import flash_attn_interface  # noqa: F401
+
+        return "fa3"
+    except ImportError:
+        pass
+    if not torch.cuda.is_available():
+        return "sdpa_math"
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.randn(4, 8, 2048, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(4, 4, 2048, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn_like(k, requires_grad=True)
+    timings = {}
+    warnings.filterwarnings("ignore", message=".*kernel not used because.*")
+    warnings.filterwarnings("ignore", message=".*(has been runtime disabled|same num_heads).*")
+    for name, backend in (("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa_flash", SDPBackend.FLASH_ATTENTION),
+                          ("sdpa_efficient", SDPBackend.EFFICIENT_ATTENTION)):
+        try:
+            with sdpa_kernel(backend):
+                for i in range(13):
+                    if i == 3:
+                        torch.cuda.synchronize()
+                        t0 = time.perf_counter()
+                    F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).sum().backward()
+                torch.cuda.synchronize()
+            timings[name] = (time.perf_counter() - t0) / 10
+        except RuntimeError:
+            continue
+    return min(timings, key=timings.get) if timings else "sdpa_math"
+
+
+ATTENTION_BACKEND = None  # chosen once per process by configure_attention()
+
+
+def configure_attention(backend: str | None = None) -> str:
+    global ATTENTION_BACKEND
+    ATTENTION_BACKEND = backend or _pick_attention_backend()
+    return ATTENTION_BACKEND
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """q: [B, T, H, D]; k, v: [B, T, Hkv, D] -> [B, T, H, D]. GQA without materializing repeated K/V."""
+    if ATTENTION_BACKEND == "fa3":
+        import flash_attn_interface
+
+        out = flash_attn_interface.flash_attn_func(q, k, v, causal=True)
+        return out[0] if isinstance(out, tuple) else out
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                       enable_gqa=True)
+    return y.transpose(1, 2)
+
+
+def sdpa_context():
+    """Restrict SDPA to the chosen backend (no-op for FA3 and on CPU)."""
+    from contextlib import nullcontext
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"sdpa_cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa_flash": SDPBackend.FLASH_ATTENTION,
+               "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION}.get(ATTENTION_BACKEND)
+    return sdpa_kernel(backend) if backend is not None else nullcontext()
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, rope_dims: int, rope_base: float,
+                 qk_gain_init: float, xsa: bool, max_len: int):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, dim // num_heads
+        self.c_q = CastedLinear(dim, dim)
+        self.c_k = CastedLinear(dim, num_kv_heads * self.head_dim)
+        self.c_v = CastedLinear(dim, num_kv_heads * self.head_dim)
+        self.proj = CastedLinear(dim, dim)
+        self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init, dtype=torch.float32))
+        self.rotary = Rotary(rope_dims, rope_base, max_len)
+        self.xsa = xsa
+
+    def forward(self, u: Tensor) -> Tensor:
+        B, T, _ = u.shape
+        q = self.c_q(u).view(B, T, self.num_heads, self.head_dim)
+        k = self.c_k(u).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.c_v(u).view(B, T, self.num_kv_heads, self.head_dim)
+        q, k = self.rotary(rms_norm(q)), self.rotary(rms_norm(k))  # QK-norm, then partial RoPE
+        q = q * self.q_gain.to(q.dtype)[None, None, :, None]
+        y = causal_attention(q, k, v)
+        if self.xsa:
+            # Exclusive self-attention: remove from each head's output its component along the token's own value.
+            group = self.num_heads // self.num_kv_heads
+            y = y.view(B, T, self.num_kv_heads, group, self.head_dim)
+            vn = F.normalize(v, dim=-1).unsqueeze(3)
+            y = (y - (y * vn).sum(-1, keepdim=True) * vn).view(B, T, self.num_heads, self.head_dim)
+        return self.proj(y.reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc = CastedLinear(dim, hidden)
+        self.proj = CastedLinear(hidden, dim)
+
+    def forward(self, u: Tensor) -> Tensor:
+        return self.proj(F.leaky_relu(self.fc(u), 0.5).square())
+
+
+class Block(nn.Module):
+    def __init__(self, hp: Hyperparameters, layer: int):
+        super().__init__()
+        dim = hp.model_dim
+        self.attn = Attention(dim, hp.num_heads, hp.num_kv_heads, hp.rope_dims, hp.rope_base, hp.qk_gain_init,
+                              xsa=layer >= hp.num_layers - hp.xsa_last_n,
+                              max_len=max(hp.train_seq_len, hp.eval_seq_len))
+        self.mlp = MLP(dim, int(hp.mlp_mult * dim))
+        self.attn_scale = nn.Parameter(torch.ones(dim))
+        self.mlp_scale = nn.Parameter(torch.ones(dim))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
+        self.ln_scale = 1.0 / math.sqrt(layer + 1)
+        self.parallel = 0 <= hp.parallel_residual_start <= layer
+
+    def forward(self, x: Tensor, x0: Tensor) -> Tensor:
+        mix = self.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        if self.parallel:  # GPT-J style: attention and MLP read the same normalized input
+            u = rms_norm(x) * self.ln_scale
+            return x + self.attn_scale.to(x.dtype) * self.attn(u) + self.mlp_scale.to(x.dtype) * self.mlp(u)
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.ln_scale)
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.ln_scale)
+
+
+def layer_schedule(num_layers: int, loop_start: int, loop_end: int, num_loops: int, looping: bool):
+    """(encoder, decoder) physical-layer lists: the virtual depth order split in half (floor)."""
+    order = list(range(num_layers))
+    if looping and num_loops > 0:
+        segment = list(range(loop_start, loop_end + 1))
+        order = order[:loop_start] + segment * (num_loops + 1) + order[loop_end + 1:]
+    half = len(order) // 2
+    return order[:half], order[half:]
+
+
+class GPT(nn.Module):
+    def __init__(self, hp: Hyperparameters):
+        super().__init__()
+        self.softcap = hp.logit_softcap
+        self.tok_emb = nn.Embedding(hp.vocab_size, hp.model_dim)
+        self.blocks = nn.ModuleList(Block(hp, i) for i in range(hp.num_layers))
+        self.final_norm = RMSNorm()
+        sched = lambda looping: layer_schedule(hp.num_layers, hp.loop_start, hp.loop_end, hp.num_loops, looping)
+        self.schedules = {False: sched(False), True: sched(True)}
+        enc, dec = self.schedules[hp.num_loops > 0]
+        num_skips = min(len(enc), len(dec))
+        self.skip_weights = nn.Parameter(torch.ones(num_skips, hp.model_dim))
+        self.skip_gates = nn.Parameter(torch.zeros(num_skips, hp.model_dim))
+        self.looping = False
+        self._init_weights(hp.tied_embed_init_std)
+
+    @torch.no_grad()
+    def _init_weights(self, embed_std: float):
+        nn.init.normal_(self.tok_emb.weight, std=embed_std)
+        for name, m in self.named_modules():
+            if isinstance(m, CastedLinear):
+                if name.endswith(".proj"):  # output projections start at zero: every block begins as identity
+                    nn.init.zeros_(m.weight)
+                elif min(m.weight.shape) >= 64:
+                    nn.init.orthogonal_(m.weight)
+                else:
+                    nn.init.normal_(m.weight, std=m.weight.size(1) ** -0.5)
+
+    def hidden(self, ids: Tensor) -> Tensor:
+        x = x0 = rms_norm(self.tok_emb(ids))
+        encoder, decoder = self.schedules[self.looping]
+        skips = []
+        for i in encoder:
+            x = self.blocks[i](x, x0)
+            skips.append(x)
+        for k, i in enumerate(decoder):
+            if k < self.skip_weights.size(0) and skips:
+                g = torch.sigmoid(self.skip_gates[k]).to(x.dtype)
+                x = g * x + (1 - g) * (self.skip_weights[k].to(x.dtype) * skips.pop())
+            x = self.blocks[i](x, x0)
+        return self.final_norm(x)
+
+    def forward_logits(self, ids: Tensor) -> Tensor:
+        h = self.hidden(ids)
+        z = F.linear(h, self.tok_emb.weight.to(h.dtype))  # tied head
+        return self.softcap * torch.tanh(z.float() / self.softcap)
+
+    def forward(self, ids: Tensor, targets: Tensor) -> Tensor:
+        logits = self.forward_logits(ids)
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+
+
+CONTROL_PARAM_NAMES = ("q_gain", "attn_scale", "mlp_scale", "resid_mix", "skip_weights", "skip_gates")
+
+
+def build_model(hp: Hyperparameters, device) -> GPT:
+    """bf16 embedding; fp32 linear weights and control tensors (they are small and sensitive)."""
+    model = GPT(hp).to(device)
+    model.tok_emb.weight.data = model.tok_emb.weight.data.to(torch.bfloat16 if device.type == "cuda" else torch.float32)
+    return model
+
+
 # =====================================================================================================
 # 4. Optimizers
 # =====================================================================================================
+
+# Newton-Schulz iteration X <- aX + (bA + cA^2)X, A = XX^T. Polar Express (#1787) uses one tuned (a, b, c) per
+# iteration; further iterations repeat the last tuple. MUON_POLAR_EXPRESS=0 gives the records' fixed quintic.
+POLAR_EXPRESS_COEFFS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+QUINTIC_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz(G: Tensor, steps: int, polar_express: bool) -> Tensor:
+    """Approximate orthogonal polar factor of each matrix in a batch [n, rows, cols], in bf16."""
+    X = G.bfloat16()
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    tall = X.size(-2) > X.size(-1)
+    if tall:
+        X = X.mT
+    for i in range(steps):
+        a, b, c = POLAR_EXPRESS_COEFFS[min(i, len(POLAR_EXPRESS_COEFFS) - 1)] if polar_express else QUINTIC_COEFFS
+        A = X @ X.mT
+        X = a * X + (b * A + c * (A @ A)) @ X
+    return X.mT if tall else X
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon with Nesterov momentum, MuonEq-R row normalization, batched Newton-Schulz and decoupled weight decay.
+
+    Matrices of one shape form a param group. Each rank orthogonalizes a contiguous share of every group and one
+    all-gather per group gives every rank every update, so the work is split without DDP-style duplication.
+    """
+
+    def __init__(self, params, lr: float, momentum: float, weight_decay: float, backend_steps: int,
+                 row_normalize: bool, polar_express: bool, rank: int = 0, world_size: int = 1, compile_ns: bool = False):
+        by_shape: dict = {}
+        for p in params:
+            by_shape.setdefault(tuple(p.shape), []).append(p)
+        groups = [dict(params=ps) for ps in by_shape.values()]
+        super().__init__(groups, dict(lr=lr, base_lr=lr, momentum=momentum, weight_decay=weight_decay))
+        self.backend_steps, self.row_normalize, self.polar_express = backend_steps, row_normalize, polar_express
+        self.rank, self.world_size = rank, world_size
+        self.ns = torch.compile(newton_schulz, fullgraph=True, dynamic=False) if compile_ns else newton_schulz
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params = group["params"]
+            lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+            share = -(-len(params) // self.world_size)
+            mine = params[self.rank * share:(self.rank + 1) * share]
+            rows, cols = params[0].shape
+            local = torch.zeros(share, rows, cols, device=params[0].device, dtype=torch.bfloat16)
+            if mine:
+                grads = [p.grad for p in mine]
+                bufs = []
+                for p in mine:
+                    if "momentum_buffer" not in self.state[p]:
+                        self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                    bufs.append(self.state[p]["momentum_buffer"])
+                torch._foreach_mul_(bufs, mu)
+                torch._foreach_add_(bufs, grads)
+                U = torch.stack(torch._foreach_add(grads, bufs, alpha=mu))  # Nesterov
+                if self.row_normalize:
+                    U = U / U.float().norm(dim=-1, keepdim=True).clamp_min(1e-7)
+                local[:len(mine)] = self.ns(U, self.backend_steps, self.polar_express)
+            if self.world_size > 1:
+                gathered = torch.empty(share * self.world_size, rows, cols, device=local.device, dtype=local.dtype)
+                dist.all_gather_into_tensor(gathered, local)
+            else:
+                gathered = local
+            updates = list(gathered[:len(params)].float().unbind(0))
+            torch._foreach_mul_(params, 1.0 - lr * wd)
+            torch._foreach_add_(params, updates, alpha=-lr * math.sqrt(max(1.0, rows / cols)))
+
+
+def build_optimizers(model: GPT, hp: Hyperparameters, rank: int, world_size: int) -> list[torch.optim.Optimizer]:
+    """Muon for the block matrices; AdamW for the tied embedding and for the small control tensors."""
+    matrices, scalars = [], []
+    for name, p in model.blocks.named_parameters():
+        (matrices if p.ndim == 2 and not any(c in name for c in CONTROL_PARAM_NAMES) else scalars).append(p)
+    scalars += [model.skip_weights, model.skip_gates]
+    fused = next(model.parameters()).is_cuda
+    adamw = torch.optim.AdamW(
+        [dict(params=[model.tok_emb.weight], lr=hp.tied_embed_lr, base_lr=hp.tied_embed_lr, weight_decay=hp.embed_wd),
+         dict(params=scalars, lr=hp.scalar_lr, base_lr=hp.scalar_lr, weight_decay=hp.adam_wd)],
+        betas=(hp.beta1, hp.beta2), eps=hp.adam_eps, fused=fused)
+    muon = Muon(matrices, lr=hp.matrix_lr, momentum=hp.muon_momentum_warmup_start, weight_decay=hp.muon_wd,
+                backend_steps=hp.muon_backend_steps, row_normalize=bool(hp.muon_row_normalize),
+                polar_express=bool(hp.muon_polar_express), rank=rank, world_size=world_size,
+                compile_ns=bool(hp.compile) and fused)
+    return [adamw, muon]
+
+
+def lr_multiplier(frac: float, warmdown_frac: float, min_lr: float) -> float:
+    """Constant, then linear warm-down over the last WARMDOWN_FRAC of the budget to a floor of MIN_LR."""
+    if frac < 1.0 - warmdown_frac:
+        return 1.0
+    return max((1.0 - frac) / max(warmdown_frac, 1e-9), min_lr)
+
+
+def muon_momentum_at(step: int, hp: Hyperparameters) -> float:
+    f = min(step / hp.muon_momentum_warmup_steps, 1.0) if hp.muon_momentum_warmup_steps > 0 else 1.0
+    return (1 - f) * hp.muon_momentum_warmup_start + f * hp.muon_momentum
+
+
+def ema_decay_at(step: int, decay: float) -> float:
+    """Warmed-up EMA decay: averages over roughly the last tenth of the steps until it reaches EMA_DECAY.
+
+    With a constant 0.9965 a 165-step run keeps 0.56 of its random initialization in the average; with the warm-up
+    the initial weights' share after n steps is prod((1+t)/(10+t)) ~ 9!/n^9, negligible after a few dozen steps.
+    """
+    return min(decay, (1.0 + step) / (10.0 + step))
+
+
+class EMA:
+    """fp32 shadow of the full state dict, updated after every optimizer step."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay, self.steps = decay, 0
+        self.live = list(model.state_dict().values())
+        self.shadow = [t.detach().float().clone() for t in self.live]
+
+    @torch.no_grad()
+    def update(self):
+        d = ema_decay_at(self.steps, self.decay)
+        torch._foreach_lerp_(self.shadow, [t.float() for t in self.live], 1.0 - d)
+        self.steps += 1
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module):
+        for live, shadow in zip(model.state_dict().values(), self.shadow):
+            live.copy_(shadow.to(live.dtype))
 
 
 # =====================================================================================================
 # 5. Training loop
 # =====================================================================================================
+
+@dataclasses.dataclass
+class RunContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    log_path: str | None = None
+    metrics_path: str | None = None
+    counted_eval_seconds: float = 0.0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def log(self, msg: str = "", console: bool = True) -> None:
+        """Rank 0 only; every line is flushed to the log file at once so a crash loses nothing."""
+        if not self.is_main:
+            return
+        if console:
+            print(msg, flush=True)
+        if self.log_path:
+            with open(self.log_path, "a", encoding="utf-8") as f:
+                f.write(msg + "\n")
+
+    def metric(self, **record) -> None:
+        if self.is_main and self.metrics_path:
+            with open(self.metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def autocast(self):
+        from contextlib import nullcontext
+
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+def all_reduce_max(ctx: RunContext, value: float) -> float:
+    if not ctx.distributed:
+        return value
+    t = torch.tensor([value], device=ctx.device, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+class Trainer:
+    """Owns the model, its compiled/DDP wrapper, the optimizers, the EMA and the data loader."""
+
+    def __init__(self, hp: Hyperparameters, ctx: RunContext, model: GPT, train_files: list[str]):
+        self.hp, self.ctx, self.model, self.train_files = hp, ctx, model, train_files
+        self.grad_accum = 8 // ctx.world_size
+        self.micro_seqs = hp.train_batch_tokens // (ctx.world_size * self.grad_accum * hp.train_seq_len)
+        compiled = torch.compile(model, fullgraph=True, dynamic=False) if hp.compile else model
+        if ctx.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            compiled = DDP(compiled, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
+                           broadcast_buffers=False)
+        self.train_model = compiled
+        self.optimizers = build_optimizers(model, hp, ctx.rank, ctx.world_size)
+        self.all_params = list(model.parameters())
+        self.new_loader()
+
+    def new_loader(self):
+        self.loader = ShuffledSequenceLoader(self.train_files, self.hp.train_seq_len, self.hp.seed, self.ctx.rank,
+                                             self.ctx.world_size, self.ctx.device)
+
+    def step(self, step: int, lr_mul: float) -> Tensor:
+        """One optimizer step over grad_accum micro-batches; returns the mean loss (on device, not synced)."""
+        total = torch.zeros((), device=self.ctx.device)
+        for micro in range(self.grad_accum):
+            x, y = self.loader.next_batch(self.micro_seqs)
+            last = micro == self.grad_accum - 1
+            sync_ctx = self.train_model.no_sync() if self.ctx.distributed and not last else _null()
+            with sync_ctx, self.ctx.autocast(), sdpa_context():
+                loss = self.train_model(x, y)
+            (loss / self.grad_accum).backward()
+            total += loss.detach()
+        if self.hp.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.all_params, self.hp.grad_clip_norm)
+        momentum = muon_momentum_at(step, self.hp)
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * lr_mul
+                if isinstance(opt, Muon):
+                    group["momentum"] = momentum
+            opt.step()
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        return total / self.grad_accum
+
+    def compile_warmup(self):
+        """Compile the plain and the looped graphs on training batches, then restore the initial state.
+
+        Real steps are run (so optimizer kernels compile too); model and optimizer states are snapshotted before and
+        restored after, and the loader restarts, so training proper starts exactly from the initialization.
+        """
+        hp, ctx = self.hp, self.ctx
+        if hp.warmup_steps <= 0:
+            return
+        model_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        opt_states = [copy.deepcopy(opt.state_dict()) for opt in self.optimizers]
+        phases = [False, True] if hp.num_loops > 0 else [False]
+        for looping in phases:
+            self.model.looping = looping
+            for i in range(hp.warmup_steps):
+                self.step(i, 1.0)
+                if i + 1 in (1, 2, 3, 4, 5, 6, hp.warmup_steps) or (i + 1) % 10 == 0:
+                    ctx.log(f"{'loop_warmup_step' if looping else 'warmup_step'}: {i + 1}/{hp.warmup_steps}")
+        self.model.looping = False
+        self.model.load_state_dict(model_state)
+        for opt, state in zip(self.optimizers, opt_states):
+            opt.load_state_dict(state)
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        self.new_loader()
+        ctx.sync()
+
+
+def _null():
+    from contextlib import nullcontext
+
+    return nullcontext()
+
+
+def train(hp: Hyperparameters, ctx: RunContext, trainer: Trainer, budget_ms: float, validate) -> dict:
+    """Wallclock-driven training loop. `validate(step)` runs a periodic validation (its time is not counted).
+
+    Stops before the step that would cross the budget (predicted from the mean step time), so the counted training
+    time never exceeds it. Returns the step count, counted time and the step at which looping switched on.
+    """
+    model, ema = trainer.model, EMA(trainer.model, hp.ema_decay)
+    tokens_per_step = hp.train_batch_tokens
+    train_ms, step, loop_step, stop_reason = 0.0, 0, None, "iterations"
+    ctx.sync()
+    t0 = time.perf_counter()
+    while step < hp.iterations:
+        frac = train_ms / budget_ms if budget_ms > 0 else step / hp.iterations
+        if hp.num_loops > 0 and not model.looping and frac >= hp.enable_looping_at:
+            model.looping = True
+            loop_step = step
+            enc, dec = model.schedules[True]
+            ctx.log(f"layer_loop:enabled step:{step} frac:{frac:.3f} encoder:{enc} decoder:{dec}")
+        loss = trainer.step(step, lr_multiplier(frac, hp.warmdown_frac, hp.min_lr))
+        ema.update()
+        step += 1
+        loss_value = loss.item()  # syncs; the wallclock check below needs a sync anyway
+        last_step_ms = 1000 * (time.perf_counter() - t0) - train_ms
+        train_ms += last_step_ms
+        if not math.isfinite(loss_value):
+            ctx.log(f"error: non-finite training loss {loss_value} at step {step}; stopping. Lower MATRIX_LR / "
+                    "TIED_EMBED_LR or check the data. The log and metrics so far are kept.")
+            raise SystemExit(3)
+        if step <= 5 or step % hp.train_log_every == 0:
+            tok_s = step * tokens_per_step / (train_ms / 1000)
+            ctx.log(f"{step}/{hp.iterations} train_loss: {loss_value:.4f} train_time: {train_ms / 60000:.1f}m "
+                    f"tok/s: {tok_s:.0f}")
+            ctx.metric(event="train", step=step, train_loss=loss_value, train_time_ms=train_ms, tok_s=tok_s,
+                       looping=model.looping)
+        if hp.val_loss_every > 0 and step % hp.val_loss_every == 0:
+            ctx.sync()
+            v0 = time.perf_counter()
+            validate(step, train_ms)
+            t0 += time.perf_counter() - v0  # validation time is not training time
+        if budget_ms > 0:
+            # The next step costs about as much as the slower of the mean and the last one (looping makes steps
+            # slower at once, which the mean would notice late).
+            next_step_ms = max(train_ms / step, last_step_ms)
+            if all_reduce_max(ctx, train_ms + next_step_ms) > budget_ms:
+                stop_reason = "wallclock_cap"
+                break
+    if stop_reason == "wallclock_cap":
+        ctx.log(f"stopping_early: wallclock_cap train_time: {train_ms:.0f}ms step: {step}/{hp.iterations}")
+    validate(step, train_ms)
+    if ctx.device.type == "cuda":
+        ctx.log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
+                f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
+    ctx.log("ema:applying EMA weights")
+    ema.copy_to(model)
+    return dict(steps=step, train_ms=train_ms, looping_enabled_step=loop_step)
 
 
 # =====================================================================================================
@@ -1129,7 +1703,591 @@ def build_artifact(state_dict: dict[str, Tensor], hessians: dict[str, Tensor], h
 # 7. Evaluation
 # =====================================================================================================
 
+# One scorer serves all three evaluations. A "window" is EVAL_SEQ_LEN input tokens starting at a global position ws;
+# it scores its targets from in-window position `score_from` on. Target i (0-based) is the prediction of token i+1
+# from tokens 0..i, so a stream of N+1 tokens has N targets, and target i lies at in-window position i - ws.
+#   plain   (ANCHORS 2.3): windows at 0, T, 2T, ..., each scored in full; context never crosses a block.
+#   sliding (2.4): a window every EVAL_STRIDE tokens; the first is scored in full, the others only their last
+#                  stride positions, so every target after the first window sees T - stride tokens of context.
+#   TTT     (6.1): the sliding windows, grouped into chunks; each chunk is scored, then trained on.
+# Sharing the scorer makes "sliding at stride T == plain" and "TTT at lr 0 == sliding" true by construction; the
+# tests check both, plus exact coverage, causality under TTT, and 1-rank == 2-rank results.
+# `ctx` is the RunContext of section 5: rank, world_size, device, log (rank 0 only), sync, autocast, and the running
+# total counted_eval_seconds.
+
+SLIDING_BATCH_WINDOWS = 32  # windows per forward in sliding and TTT scoring, as in the records
+TTT_SEQS_PER_FORWARD = 32  # TTT training micro-batch per rank; a chunk with more sequences accumulates gradients
+EVAL_COMPILE_BACKEND = "inductor"  # tests put a counting backend here to prove the timed phases never recompile
+PROGRESS_FRACTIONS = (0.05, 0.25, 0.5, 0.75)  # where long phases log elapsed time and a projection from real batches
+
+
+@dataclasses.dataclass
+class EvalResult:
+    label: str | None
+    counted: bool  # on the eval clock (ctx.counted_eval_seconds)
+    val_loss: float
+    val_bpb: float
+    tokens: int  # targets scored, all ranks
+    bytes: int  # bytes credited to them
+    expected_tokens: int  # targets in the stream
+    expected_bytes: int  # byte-table total over the stream
+    exactly_once: bool  # every target was scored by exactly one window on exactly one rank
+    seconds: float
+    target_losses: Tensor | None = None  # float64 [expected_tokens]: CE of target i (token i+1), when asked for
+
+    @property
+    def covered(self) -> bool:
+        return self.exactly_once and self.tokens == self.expected_tokens and self.bytes == self.expected_bytes
+
+
+@dataclasses.dataclass
+class EvalTimings:
+    """Measured by eval_warmup (off the eval clock): its own duration and steady-state step times."""
+    warmup_seconds: float
+    plain_batch: float
+    sliding_batch: float
+    ttt_step: float  # one TTT epoch on a typical chunk, without the optimizer step (~1 ms); 0 if TTT is off
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def sliding_window_starts(n_targets: int, seq_len: int, stride: int) -> np.ndarray:
+    """Window starts every `stride` tokens, for as long as a window still has an unscored target."""
+    starts = np.arange(0, n_targets, stride, dtype=np.int64)
+    return starts[(starts == 0) | (starts + seq_len - stride < n_targets)]
+
+
+def sliding_score_from(starts: np.ndarray, seq_len: int, stride: int) -> np.ndarray:
+    return np.where(starts == 0, 0, seq_len - stride).astype(np.int64)
+
+
+@dataclasses.dataclass
+class TTTChunk:
+    index: int
+    first_window: int  # the chunk scores sliding windows [first_window, end_window) ...
+    end_window: int
+    train_start: int  # ... then trains on targets [train_start, train_start + train_seqs * EVAL_SEQ_LEN)
+    train_seqs: int
+
+
+def ttt_plan(n_targets: int, hp: Hyperparameters) -> list[TTTChunk]:
+    """Score-first schedule: chunk c scores the windows whose first scored target lies in [c*C, (c+1)*C), C =
+    TTT_CHUNK_TOKENS, then trains on whole EVAL_SEQ_LEN sequences of targets that are scored and not yet trained on
+    (a remainder waits for the next chunk). The last chunk is not trained on. With the defaults chunk c trains on
+    exactly the 16 sequences it has just scored."""
+    T, stride, C = hp.eval_seq_len, hp.eval_stride, hp.ttt_chunk_tokens
+    starts = sliding_window_starts(n_targets, T, stride)
+    first_scored = starts + sliding_score_from(starts, T, stride)
+    n_chunks = _ceil_div(n_targets, C)
+    chunk_of = np.minimum(first_scored // C, n_chunks - 1)  # non-decreasing, so chunks are contiguous window ranges
+    bounds = np.searchsorted(chunk_of, np.arange(n_chunks + 1))
+    plan, scored_end, trained_end = [], 0, 0
+    for c in range(n_chunks):
+        w0, w1 = int(bounds[c]), int(bounds[c + 1])
+        if w1 > w0:
+            scored_end = min(int(starts[w1 - 1]) + T, n_targets)
+        seqs = (scored_end - trained_end) // T if c < n_chunks - 1 else 0
+        # The legality condition itself: nothing is trained on before it has been scored.
+        assert trained_end + seqs * T <= scored_end
+        plan.append(TTTChunk(c, w0, w1, trained_end, seqs))
+        trained_end += seqs * T
+    return plan
+
+
+def _ttt_lr(hp: Hyperparameters, chunk: int, n_chunks: int) -> float:
+    return hp.ttt_lr * 0.5 * (1.0 + math.cos(math.pi * chunk / max(n_chunks - 1, 1)))
+
+
+def _plain_batch_rows(hp: Hyperparameters) -> int:
+    # VAL_BATCH_TOKENS is the global batch of 8 GPUs, as TRAIN_BATCH_TOKENS is (fewer GPUs accumulate), so a forward
+    # has the same rows, and the same memory, on any world size: 524,288 / 8 / 2048 = 32.
+    return max(1, hp.val_batch_tokens // (8 * hp.eval_seq_len))
+
+
+def _all_reduce(t: Tensor, ctx: RunContext) -> Tensor:
+    if ctx.world_size > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def _rank_share(n: int, ctx: RunContext) -> tuple[int, int]:
+    return n * ctx.rank // ctx.world_size, n * (ctx.rank + 1) // ctx.world_size
+
+
+def _window_losses(model: nn.Module, x: Tensor, y: Tensor, lo: int) -> Tensor:
+    """fp32 CE of in-window positions lo..T-1. Compiled with the model, so the fp32 logits are fused into the CE."""
+    logits = model.forward_logits(x)[:, lo:]
+    return F.cross_entropy(logits.float().flatten(0, 1), y[:, lo:].flatten(), reduction="none").view(y.shape[0], -1)
+
+
+def _train_loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    return model(x, y)
+
+
+_COMPILED: dict = {}
+
+
+def _compiled(fn, hp: Hyperparameters):
+    """One compiled wrapper per function for the process. The model is an argument, not a closure, so every copy of
+    the architecture (quantized model, TTT copy) runs the graphs compiled in eval_warmup."""
+    if not hp.compile:
+        return fn
+    key = (fn, EVAL_COMPILE_BACKEND)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(fn, dynamic=False, fullgraph=True, backend=EVAL_COMPILE_BACKEND)
+    return _COMPILED[key]
+
+
+class _Windows:
+    """A rank's windows in segments (one per TTT chunk; one for plain and sliding), each padded to whole batches
+    and uploaded once: a host-to-device copy per batch would stall the GPU queue. Padding rows score nothing."""
+
+    def __init__(self, segments: list[tuple[np.ndarray, np.ndarray]], batch: int, seq_len: int, device):
+        starts, score_from, lo, self.segments = [], [], [], []
+        for seg_starts, seg_from in segments:
+            pad = -len(seg_starts) % batch
+            starts.append(np.concatenate([seg_starts, np.zeros(pad, np.int64)]))
+            score_from.append(np.concatenate([seg_from, np.full(pad, seq_len, np.int64)]))
+            first = len(lo)
+            lo += score_from[-1].reshape(-1, batch).min(axis=1).tolist()  # CE is computed from here on
+            self.segments.append((first, len(lo)))
+        self.batch, self.lo = batch, lo
+        self.starts = torch.from_numpy(np.concatenate(starts or [np.zeros(0, np.int64)])).to(device)
+        self.score_from = torch.from_numpy(np.concatenate(score_from or [np.zeros(0, np.int64)])).to(device)
+
+
+class _ScoreSums:
+    """One evaluation's running sums on this rank, kept on the device so the loop never waits for the host; plus a
+    hit count per target, which turns "every target scored exactly once" from a promise into a checked fact."""
+
+    def __init__(self, n_targets: int, device, keep_losses: bool):
+        self.n = n_targets
+        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.tokens = torch.zeros((), dtype=torch.int64, device=device)
+        self.bytes = torch.zeros((), dtype=torch.int64, device=device)
+        self.hits = torch.zeros(n_targets, dtype=torch.int32, device=device)
+        self.losses = torch.zeros(n_targets, dtype=torch.float64, device=device) if keep_losses else None
+
+    def add(self, ce: Tensor, scored: Tensor, target: Tensor, nbytes: Tensor) -> None:
+        ce = torch.where(scored, ce, 0.0)
+        self.loss += ce.sum(dtype=torch.float64)
+        self.tokens += scored.sum()
+        self.bytes += (nbytes * scored).sum()
+        index = target.clamp(max=self.n - 1).flatten()  # unscored positions add zero wherever they point
+        self.hits.scatter_add_(0, index, scored.flatten().to(torch.int32))
+        if self.losses is not None:
+            self.losses.scatter_add_(0, index, ce.flatten().double())
+
+
+def _score_batches(model, tokens, windows: _Windows, batches: range, tables, sums: _ScoreSums, hp, ctx,
+                   on_batch=None) -> None:
+    """Score the given batches of windows under no_grad with the model's current weights."""
+    T, B, n = hp.eval_seq_len, windows.batch, tokens.numel() - 1
+    fn = _compiled(_window_losses, hp)
+    offsets = torch.arange(T + 1, device=tokens.device)
+    model.eval()
+    with torch.no_grad():
+        for b in batches:
+            rows = slice(b * B, (b + 1) * B)
+            starts, score_from, lo = windows.starts[rows], windows.score_from[rows], windows.lo[b]
+            seq = tokens[(starts[:, None] + offsets).clamp_(max=n)]  # past the stream's end: never scored
+            x, y = seq[:, :-1], seq[:, 1:]
+            with ctx.autocast(), sdpa_context():
+                ce = fn(model, x, y, lo)
+            pos = offsets[lo:T]
+            target = starts[:, None] + pos
+            scored = (pos >= score_from[:, None]) & (target < n)
+            # The in-window previous token is the stream's previous token, so bytes match the stream's byte total.
+            sums.add(ce, scored, target, count_target_bytes(x[:, lo:], y[:, lo:], tables))
+            if on_batch is not None:
+                on_batch(b + 1)
+
+
+class _Progress:
+    """At a few fractions of a long phase, rank 0 logs elapsed time and the phase time it projects from the real
+    batches done so far (one device sync each)."""
+
+    def __init__(self, label: str | None, total: int, t0: float, ctx: RunContext):
+        self.label, self.total, self.t0, self.ctx = label, total, t0, ctx
+        self.marks = sorted({max(1, round(f * total)) for f in PROGRESS_FRACTIONS}) if label and total else []
+
+    def tick(self, done: int) -> None:
+        if not self.marks or done < self.marks[0]:
+            return
+        self.marks = [m for m in self.marks if m > done]
+        if self.ctx.rank == 0:
+            self.ctx.sync()
+            elapsed = time.perf_counter() - self.t0
+            self.ctx.log(f"{self.label}:progress {done}/{self.total} elapsed:{elapsed:.1f}s "
+                         f"projected:{elapsed * self.total / done:.0f}s")
+
+
+def _start_clock(model: nn.Module, hp: Hyperparameters, ctx: RunContext) -> float:
+    if ctx.world_size > 1:
+        dist.barrier()
+    ctx.sync()
+    t0 = time.perf_counter()
+    return t0
+
+
+def _on_device(val_tokens: Tensor, tables, ctx: RunContext):
+    return val_tokens.to(ctx.device), tuple(t.to(ctx.device) for t in tables)
+
+
+def _finish(sums: _ScoreSums, tokens, tables, label, counted, t0, ctx) -> EvalResult:
+    totals = _all_reduce(torch.stack([sums.loss, sums.tokens.double(), sums.bytes.double()]), ctx)
+    _all_reduce(sums.hits, ctx)
+    if sums.losses is not None:
+        _all_reduce(sums.losses, ctx)
+    loss_sum, n_tokens, n_bytes = totals.tolist()
+    expected_bytes = int(count_target_bytes(tokens[:-1], tokens[1:], tables).sum())
+    exactly_once = bool((sums.hits == 1).all())
+    val_loss = loss_sum / max(n_tokens, 1)
+    val_bpb = loss_sum / (math.log(2) * max(n_bytes, 1))
+    ctx.sync()
+    seconds = time.perf_counter() - t0
+    result = EvalResult(label, counted, val_loss, val_bpb, int(n_tokens), int(n_bytes), sums.n, expected_bytes,
+                        exactly_once, seconds, sums.losses.cpu() if sums.losses is not None else None)
+    if counted:
+        ctx.counted_eval_seconds += seconds
+    if label:
+        ctx.log(f"{label} val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} eval_time:{1000 * seconds:.0f}ms")
+        ctx.log(f"coverage {label} val_tokens:{result.tokens} val_bytes:{result.bytes} "
+                f"expected_tokens:{result.expected_tokens} expected_bytes:{expected_bytes} "
+                f"exactly_once:{int(exactly_once)}")
+        if not result.covered:
+            ctx.log(f"ERROR coverage {label}: the scored targets are not exactly the validation stream; "
+                    "this val_bpb is not a valid result")
+    return result
+
+
+def eval_val(model: nn.Module, val_tokens: Tensor, tables, hp: Hyperparameters, ctx: RunContext,
+             label: str | None = "quantized", counted: bool = True, return_losses: bool = False) -> EvalResult:
+    """Non-overlapping eval (ANCHORS 2.3): EVAL_SEQ_LEN blocks, each target with context from its own block only.
+    Blocks are split contiguously over ranks; a final partial block is scored too, so no target is dropped.
+    label=None logs nothing (periodic validation); counted=False keeps the time off the eval clock."""
+    t0 = _start_clock(model, hp, ctx)
+    tokens, tables = _on_device(val_tokens, tables, ctx)
+    n, T = tokens.numel() - 1, hp.eval_seq_len
+    lo, hi = _rank_share(_ceil_div(n, T), ctx)
+    starts = np.arange(lo, hi, dtype=np.int64) * T
+    windows = _Windows([(starts, np.zeros_like(starts))], _plain_batch_rows(hp), T, ctx.device)
+    sums = _ScoreSums(n, ctx.device, return_losses)
+    _score_batches(model, tokens, windows, range(len(windows.lo)), tables, sums, hp, ctx)
+    return _finish(sums, tokens, tables, label, counted, t0, ctx)
+
+
+def eval_val_sliding(model: nn.Module, val_tokens: Tensor, tables, hp: Hyperparameters, ctx: RunContext,
+                     label: str | None = "quantized_sliding_window", counted: bool = True,
+                     return_losses: bool = False) -> EvalResult:
+    """Sliding-window eval (ANCHORS 2.4), windows split contiguously over ranks, SLIDING_BATCH_WINDOWS per forward."""
+    t0 = _start_clock(model, hp, ctx)
+    tokens, tables = _on_device(val_tokens, tables, ctx)
+    n, T, stride = tokens.numel() - 1, hp.eval_seq_len, hp.eval_stride
+    all_starts = sliding_window_starts(n, T, stride)
+    lo, hi = _rank_share(len(all_starts), ctx)
+    starts = all_starts[lo:hi]
+    windows = _Windows([(starts, sliding_score_from(starts, T, stride))], SLIDING_BATCH_WINDOWS, T, ctx.device)
+    sums = _ScoreSums(n, ctx.device, return_losses)
+    progress = _Progress(label, len(windows.lo), t0, ctx)
+    _score_batches(model, tokens, windows, range(len(windows.lo)), tables, sums, hp, ctx, on_batch=progress.tick)
+    return _finish(sums, tokens, tables, label, counted, t0, ctx)
+
+
+def _ttt_accumulate_grads(model, tokens, chunk: TTTChunk, hp: Hyperparameters, ctx: RunContext) -> None:
+    """Backward of this rank's share of the chunk's mean CE. Each micro-batch's mean is weighted by its share of the
+    chunk's sequences, so the sum over micro-batches and ranks is the chunk mean on any world size."""
+    T = hp.eval_seq_len
+    fn = _compiled(_train_loss, hp)
+    lo, hi = _rank_share(chunk.train_seqs, ctx)
+    model.train()
+    for s0 in range(lo, hi, TTT_SEQS_PER_FORWARD):
+        rows = min(TTT_SEQS_PER_FORWARD, hi - s0)
+        a = chunk.train_start + s0 * T
+        x, y = tokens[a:a + rows * T].view(rows, T), tokens[a + 1:a + 1 + rows * T].view(rows, T)
+        with ctx.autocast(), sdpa_context():
+            loss = fn(model, x, y)
+        (loss * (rows / chunk.train_seqs)).backward()
+    model.eval()
+
+
+def _reduce_and_clip_grads(params: list[Tensor], max_norm: float, ctx: RunContext) -> None:
+    """Sum the ranks' gradients in one collective over a flat fp32 buffer (one per tensor costs ~100 latencies per
+    step), then clip by global norm as clip_grad_norm_ does."""
+    grads = [p.grad for p in params]
+    flat = _all_reduce(torch.cat([g.flatten().float() for g in grads]), ctx)
+    if max_norm > 0:
+        flat.mul_((max_norm / (flat.norm() + 1e-6)).clamp(max=1.0))
+    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(part.view_as(g))
+
+
+def eval_val_ttt(model: nn.Module, val_tokens: Tensor, tables, hp: Hyperparameters, ctx: RunContext,
+                 label: str | None = "quantized_ttt", counted: bool = True, return_losses: bool = False) -> EvalResult:
+    """Legal score-first TTT (ANCHORS 6.1) over the sliding windows. Every window of a chunk is scored under no_grad
+    before that chunk trains the model (SGD with momentum, TTT_EPOCHS steps, cosine lr over chunks, clipping,
+    gradients summed over ranks). Trains `model` in place: pass a copy that is not needed afterwards."""
+    t0 = _start_clock(model, hp, ctx)
+    tokens, tables = _on_device(val_tokens, tables, ctx)
+    n, T, stride = tokens.numel() - 1, hp.eval_seq_len, hp.eval_stride
+    plan = ttt_plan(n, hp)
+    all_starts = sliding_window_starts(n, T, stride)
+    all_from = sliding_score_from(all_starts, T, stride)
+    segments = []
+    for chunk in plan:
+        lo, hi = _rank_share(chunk.end_window - chunk.first_window, ctx)
+        window_range = slice(chunk.first_window + lo, chunk.first_window + hi)
+        segments.append((all_starts[window_range], all_from[window_range]))
+    windows = _Windows(segments, SLIDING_BATCH_WINDOWS, T, ctx.device)
+    sums = _ScoreSums(n, ctx.device, return_losses)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:  # persistent zero grads: ranks without sequences in a chunk still contribute to the all-reduce
+        p.grad = torch.zeros_like(p)
+    optimizer = torch.optim.SGD(params, lr=hp.ttt_lr, momentum=hp.ttt_momentum)
+    if label:
+        ctx.log(f"ttt:start chunks={len(plan)} ttt_lr={hp.ttt_lr} ttt_epochs={hp.ttt_epochs}")
+    progress = _Progress(label, len(plan), t0, ctx)
+    for chunk, (b0, b1) in zip(plan, windows.segments):
+        _score_batches(model, tokens, windows, range(b0, b1), tables, sums, hp, ctx)  # weights of chunks < this one
+        if chunk.train_seqs:
+            for group in optimizer.param_groups:
+                group["lr"] = _ttt_lr(hp, chunk.index, len(plan))
+            for _ in range(hp.ttt_epochs):
+                optimizer.zero_grad(set_to_none=False)
+                _ttt_accumulate_grads(model, tokens, chunk, hp, ctx)
+                _reduce_and_clip_grads(params, hp.ttt_grad_clip, ctx)
+                optimizer.step()
+        progress.tick(chunk.index + 1)
+    for p in params:
+        p.grad = None
+    return _finish(sums, tokens, tables, label, counted, t0, ctx)
+
+
+def _mean_seconds(fn, ctx: RunContext, repeats: int = 2) -> float:
+    ctx.sync()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    ctx.sync()
+    return (time.perf_counter() - t0) / repeats
+
+
+def eval_warmup(model: nn.Module, hp: Hyperparameters, ctx: RunContext) -> EvalTimings:
+    """Compile every shape the evaluations use, then time steady-state steps for log_eval_projection. Random tokens
+    only, never validation tokens; no optimizer step, so the weights are untouched. Not on the eval clock. Set the
+    model's mode (looping) first: the graphs are specialized to it."""
+    t0 = time.perf_counter()
+    device, T, stride, B = ctx.device, hp.eval_seq_len, hp.eval_stride, SLIDING_BATCH_WINDOWS
+    rows = _plain_batch_rows(hp)
+    typical_chunk_seqs = hp.ttt_chunk_tokens // T if hp.ttt_enabled else 0
+    # Long enough for one plain batch, two sliding batches (the first scores from 0, later ones from T - stride)
+    # and one typical TTT chunk.
+    n = max(rows * T, 2 * B * stride + T, typical_chunk_seqs * T)
+    generator = torch.Generator().manual_seed(hp.seed)
+    tokens = torch.randint(0, hp.vocab_size, (n + 1,), generator=generator).to(device)
+    tables = (torch.zeros(hp.vocab_size, dtype=torch.int16, device=device),
+              torch.zeros(hp.vocab_size, dtype=torch.bool, device=device),
+              torch.zeros(hp.vocab_size, dtype=torch.bool, device=device))
+    sums = _ScoreSums(n, device, keep_losses=False)
+    plain_starts = np.arange(rows, dtype=np.int64) * T
+    plain = _Windows([(plain_starts, np.zeros_like(plain_starts))], rows, T, device)
+    slide_starts = sliding_window_starts(n, T, stride)[:2 * B]
+    slide = _Windows([(slide_starts, sliding_score_from(slide_starts, T, stride))], B, T, device)
+
+    def score(windows, batches):
+        return lambda: _score_batches(model, tokens, windows, batches, tables, sums, hp, ctx)
+
+    score(slide, range(len(slide.lo)))()
+    sliding_batch = _mean_seconds(score(slide, range(len(slide.lo) - 1, len(slide.lo))), ctx)
+    score(plain, range(1))()
+    plain_batch = _mean_seconds(score(plain, range(1)), ctx)
+    ttt_step = 0.0
+    if typical_chunk_seqs:
+        params = [p for p in model.parameters() if p.requires_grad]
+        chunk = TTTChunk(0, 0, 0, 0, typical_chunk_seqs)
+        for p in params:
+            p.grad = torch.zeros_like(p)
+
+        def ttt_epoch():  # as in eval_val_ttt, without the optimizer step
+            for p in params:
+                p.grad.zero_()
+            _ttt_accumulate_grads(model, tokens, chunk, hp, ctx)
+            _reduce_and_clip_grads(params, hp.ttt_grad_clip, ctx)
+
+        ttt_epoch()
+        ttt_step = _mean_seconds(ttt_epoch, ctx)
+        for p in params:
+            p.grad = None
+    model.eval()
+    timings = EvalTimings(time.perf_counter() - t0, plain_batch, sliding_batch, ttt_step)
+    ctx.log(f"eval_warmup: compiled and timed on random tokens (no validation data) in {timings.warmup_seconds:.1f}s, "
+            f"not on the eval clock; plain_batch:{1000 * plain_batch:.1f}ms sliding_batch:{1000 * sliding_batch:.1f}ms "
+            f"ttt_step:{1000 * ttt_step:.1f}ms")
+    return timings
+
+
+def log_eval_projection(n_targets: int, timings: EvalTimings, hp: Hyperparameters, ctx: RunContext) -> float:
+    """Project the phases still to come (sliding if enabled, TTT if enabled) from eval_warmup's step times times the
+    number of batches and chunks a rank will run; add the time already counted; warn loudly over budget."""
+    T, stride, B, W = hp.eval_seq_len, hp.eval_stride, SLIDING_BATCH_WINDOWS, ctx.world_size
+    sliding = ttt = 0.0
+    if hp.sliding_window_enabled:
+        windows = len(sliding_window_starts(n_targets, T, stride))
+        sliding = _ceil_div(_ceil_div(windows, W), B) * timings.sliding_batch
+    if hp.ttt_enabled:
+        for chunk in ttt_plan(n_targets, hp):
+            batches = _ceil_div(_ceil_div(chunk.end_window - chunk.first_window, W), B)
+            ttt += batches * timings.sliding_batch + (hp.ttt_epochs * timings.ttt_step if chunk.train_seqs else 0.0)
+    total = ctx.counted_eval_seconds + sliding + ttt
+    budget = hp.eval_budget_seconds
+    ctx.log(f"eval_projection: sliding ~{sliding:.0f}s ttt ~{ttt:.0f}s total ~{total:.0f}s budget {budget:.0f}s")
+    if total > budget:
+        advice = []
+        if hp.sliding_window_enabled and hp.ttt_enabled:
+            advice.append(f"SLIDING_WINDOW_ENABLED=0 (TTT scores the same windows itself; saves ~{sliding:.0f}s)")
+        advice.append(f"a larger EVAL_STRIDE (now {stride}; window cost scales with 1/stride)")
+        if hp.ttt_enabled:
+            advice += [f"fewer TTT_EPOCHS (now {hp.ttt_epochs})", f"TTT_ENABLED=0 (saves ~{ttt:.0f}s)"]
+        ctx.log("!" * 100 + f"\nWARNING eval_projection: ~{total:.0f}s exceeds EVAL_BUDGET_SECONDS={budget:.0f}s by "
+                f"~{total - budget:.0f}s. Set " + ", or ".join(advice) + "\n" + "!" * 100)
+    return total
+
+
+def log_eval_summary(results: list[EvalResult], hp: Hyperparameters, ctx: RunContext,
+                     timings: EvalTimings | None = None) -> float:
+    """One line with every phase's time; the budget applies to the counted total."""
+    def name(r):
+        return (r.label or "unlabelled").replace(" ", "_")
+
+    counted = " ".join(f"{name(r)}:{r.seconds:.1f}s" for r in results if r.counted)
+    uncounted = [f"{name(r)}:{r.seconds:.1f}s" for r in results if not r.counted]
+    if timings is not None:
+        uncounted.insert(0, f"eval_warmup:{timings.warmup_seconds:.1f}s")
+    total = ctx.counted_eval_seconds
+    ctx.log(f"eval_summary: {counted} total_eval_time:{total:.1f}s budget:{hp.eval_budget_seconds:.0f}s "
+            f"(not counted: {' '.join(uncounted) or 'nothing'})")
+    if total > hp.eval_budget_seconds:
+        ctx.log(f"WARNING eval_summary: counted evaluation took {total:.1f}s, over EVAL_BUDGET_SECONDS="
+                f"{hp.eval_budget_seconds:.0f}s; see the eval_projection advice")
+    return total
+
 
 # =====================================================================================================
 # 8. Main
 # =====================================================================================================
+
+def prepare_data(hp: Hyperparameters, ctx_rank: int):
+    """Find and check shards and tokenizer before any GPU work; make the smoke data if asked to."""
+    if hp.smoke and "DATA_PATH" not in os.environ and "DATA_DIR" not in os.environ:
+        root = os.path.join(tempfile.gettempdir(), "parameter_golf_smoke")
+        done = os.path.join(root, f"smoke_sp{hp.vocab_size}", "fineweb_val_000000.bin")
+        if ctx_rank == 0:
+            make_smoke_data(root, hp.vocab_size)
+        while not os.path.exists(done):  # other ranks wait for rank 0 (no process group exists yet)
+            time.sleep(0.2)
+        hp.data_path = os.path.join(root, f"smoke_sp{hp.vocab_size}")
+        hp.tokenizer_path = os.path.join(root, f"smoke_{hp.vocab_size}.model")
+        hp.val_files = os.path.join(hp.data_path, "fineweb_val_*.bin")
+    train_files = find_shards(os.path.join(hp.data_path, "fineweb_train_*.bin"), "training")
+    val_files = find_shards(hp.val_files, "validation")
+    sp = load_tokenizer(hp.tokenizer_path, hp.vocab_size)
+    tables = build_byte_tables(sp, hp.vocab_size)
+    val_tokens = load_validation_tokens(val_files, hp.eval_seq_len)
+    for what, toks in (("validation", val_tokens.numpy()), (f"training ({train_files[0]})", read_shard(train_files[0]))):
+        top = int(np.max(toks))
+        if top >= hp.vocab_size:
+            raise SystemExit(f"data error: {what} tokens go up to id {top} but VOCAB_SIZE={hp.vocab_size}: the shards "
+                             "were made with another tokenizer; set VOCAB_SIZE/TOKENIZER_PATH/DATA_PATH consistently")
+    return train_files, val_files, val_tokens, tables
+
+
+def setup_distributed() -> RunContext:
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")
+    else:
+        device = torch.device("cpu")
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    return RunContext(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+def dry_run(hp: Hyperparameters) -> None:
+    with torch.device("meta"):
+        model = GPT(hp)
+    print(format_hyperparameters(hp))
+    print(f"model_params:{sum(p.numel() for p in model.parameters())}")
+    enc, dec = model.schedules[hp.num_loops > 0]
+    print(f"layer_schedule: encoder:{enc} decoder:{dec}")
+    print("dry_run: configuration valid; exiting before data and GPU")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def main() -> None:
+    hp = load_hyperparameters()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    validate_hyperparameters(hp, world)
+    if hp.dry_run:
+        dry_run(hp)
+        return
+    train_files, val_files, val_tokens, byte_tables = prepare_data(hp, int(os.environ.get("RANK", "0")))
+    ctx = setup_distributed()
+    os.makedirs(hp.artifact_dir, exist_ok=True)
+    ctx.log_path = os.path.join(hp.artifact_dir, "train.log")
+    ctx.metrics_path = os.path.join(hp.artifact_dir, "metrics.jsonl")
+    ctx.log(format_hyperparameters(hp))
+    ctx.log(f"train_shards: {len(train_files)}")
+    ctx.log(f"val_tokens: {val_tokens.numel() - 1}")
+    gpu = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu"
+    ctx.log(f"world_size:{ctx.world_size} device:{gpu} torch:{torch.__version__} python:{sys.version.split()[0]} "
+            f"attention:{configure_attention()}")
+    tables = tuple(torch.from_numpy(t).to(ctx.device) for t in byte_tables)
+    summary = dict(seed=hp.seed, run_id=hp.run_id, world_size=ctx.world_size, gpu=gpu, torch_version=torch.__version__,
+                   python_version=sys.version.split()[0], hyperparameters=dataclasses.asdict(hp), evals={})
+    seed_everything(hp.seed)
+    model = build_model(hp, ctx.device)
+    ctx.log(f"model_params:{sum(p.numel() for p in model.parameters())}")
+    script = os.path.abspath(__file__)
+    # ---- training ----
+    trainer = Trainer(hp, ctx, model, train_files)
+    ctx.log(f"grad_accum_steps:{trainer.grad_accum} micro_batch_seqs:{trainer.micro_seqs}")
+    t_warm = time.perf_counter()
+    trainer.compile_warmup()
+    ctx.log(f"compile_warmup: {time.perf_counter() - t_warm:.1f}s")
+    reserve_s = hp.gptq_reserve_seconds if hp.gptq_reserve_seconds >= 0 else 12.0
+    budget_ms = hp.max_wallclock_seconds * 1000 - reserve_s * 1000 if hp.max_wallclock_seconds > 0 else 0.0
+    ctx.log(f"gptq:reserving {reserve_s:.0f}s, effective={budget_ms:.0f}ms")
+
+    def validate(step: int, train_ms: float):
+        pass
+
+    ctx.log(f"training_start: {time.time() - PROCESS_START:.1f}s after launch")
+    stats = train(hp, ctx, trainer, budget_ms, validate)
+    summary.update(steps=stats["steps"], looping_enabled_step=stats["looping_enabled_step"],
+                   train_time_s=stats["train_ms"] / 1000)
+    if ctx.is_main:
+        buf = io.BytesIO()
+        torch.save(model.state_dict(), buf)
+        atomic_write_bytes(os.path.join(hp.artifact_dir, "final_model.pt"), buf.getvalue())
+        ctx.log(f"Serialized model: {buf.tell()} bytes")
+    if ctx.is_main:
+        atomic_write_bytes(os.path.join(hp.artifact_dir, "summary.json"), json.dumps(summary, indent=2).encode())
+    if ctx.distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,483 @@
+#!/usr/bin/env python3
+"""Build a SentencePiece tokenizer and challenge-format shards from a {"text": ...} jsonl (plain or .xz).
+
+    python3 data/build_shards.py --input docs.jsonl.xz --tokenizer fineweb_8192_bpe.model \
+        --num-val-docs 0 --chunk-tokens 8000000          # reuse a tokenizer
+    python3 data/build_shards.py --input docs.jsonl --vocab-size 8192 --tokenizer-train-docs 100000   # train one
+
+Output under --out (default: this data/ folder), as the challenge lays it out (ANCHORS 1.2/1.3):
+  <out>/tokenizers/fineweb_<V>_bpe.model (+ .vocab)
+  <out>/datasets/fineweb10B_sp<V>/fineweb_val_NNNNNN.bin, fineweb_train_NNNNNN.bin
+  <out>/manifest.json
+Every document becomes [BOS=1] + encode(text) (no EOS). The first --num-val-docs documents are validation. Tokens fill
+fixed --chunk-tokens shards; documents straddle shard boundaries; the partial validation shard is flushed at the
+val -> train switch and the last partial shard at the end. Output does not depend on --workers.
+
+Re-running with the same input file, tokenizer and options does nothing when every shard is still valid. The record
+of what was built lives in <dataset dir>/.build_shards.json; manifest.json is derived from it (and merged with the
+entries of other datasets already listed there).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import hashlib
+import json
+import lzma
+import math
+import multiprocessing
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+import train_gpt  # noqa: E402
+
+DATA_DIR = Path(__file__).resolve().parent
+BOS_ID, EOS_ID = 1, 2  # the challenge recipe's control ids (train_gpt.train_sentencepiece)
+BUILD_FORMAT = 1  # bump whenever the same request would produce different files
+STAMP_NAME = ".build_shards.json"
+SHARD_PATTERNS = ("fineweb_val_*.bin", "fineweb_train_*.bin")
+BATCH_CHARS = 1 << 20  # about 1 MB of text per encoding task
+MANIFEST_VERSION = "10B"  # the tag the challenge's manifests carry; kept so readers of that format accept ours
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tokenizer_basename(vocab_size: int) -> str:
+    return f"fineweb_{vocab_size}_bpe"
+
+
+def dataset_name(vocab_size: int) -> str:
+    return f"fineweb10B_sp{vocab_size}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading documents
+# ---------------------------------------------------------------------------------------------------------------
+
+class DocReader:
+    """Iterates the "text" of each line of a jsonl file (.xz decompressed on the fly); tracks bytes read on disk."""
+
+    def __init__(self, path: str | os.PathLike, limit: int | None = None):
+        self.path, self.limit = str(path), limit
+        self.size = os.path.getsize(path)
+        self._raw = None
+
+    def bytes_read(self) -> int:
+        return self._raw.tell() if self._raw is not None and not self._raw.closed else self.size
+
+    def __iter__(self):
+        with open(self.path, "rb") as raw:
+            self._raw = raw
+            stream = lzma.open(raw, "rb") if self.path.endswith(".xz") else raw
+            n = 0
+            for lineno, line in enumerate(stream, 1):
+                if self.limit is not None and n >= self.limit:
+                    break
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except ValueError as e:
+                    raise SystemExit(f"input error: {self.path}:{lineno}: not a JSON object ({e})")
+                text = obj.get("text") if isinstance(obj, dict) else None
+                if not isinstance(text, str):
+                    raise SystemExit(f'input error: {self.path}:{lineno}: no string "text" field')
+                n += 1
+                yield text
+
+
+def batches(docs, max_chars: int | None = None):
+    max_chars = max_chars or BATCH_CHARS
+    batch, chars = [], 0
+    for text in docs:
+        batch.append(text)
+        chars += len(text)
+        if chars >= max_chars:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Encoding (in worker processes)
+# ---------------------------------------------------------------------------------------------------------------
+
+_WORKER_SP = None
+
+
+def _init_encoder(model_path: str) -> None:
+    global _WORKER_SP
+    import sentencepiece as spm
+
+    _WORKER_SP = spm.SentencePieceProcessor(model_file=model_path)
+
+
+def _encode_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """-> (tokens per doc including its BOS, the docs' tokens concatenated as uint16, each doc led by BOS)."""
+    pieces = []
+    for ids in _WORKER_SP.encode(texts, num_threads=1):
+        pieces.append((BOS_ID,))
+        pieces.append(ids)
+    lengths = np.array([len(p) for p in pieces[1::2]], dtype=np.int64) + 1
+    tokens = np.fromiter((t for p in pieces for t in p), dtype=np.uint16, count=int(lengths.sum()))
+    return lengths, tokens
+
+
+def encode_in_order(docs, model_path: str, workers: int):
+    """Yield _encode_batch results in input order; workers > 1 encode in parallel with a bounded read-ahead."""
+    if workers <= 1:
+        _init_encoder(model_path)
+        for batch in batches(docs):
+            yield _encode_batch(batch)
+        return
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
+    with ctx.Pool(workers, initializer=_init_encoder, initargs=(model_path,)) as pool:
+        pending = collections.deque()
+        for batch in batches(docs):
+            pending.append(pool.apply_async(_encode_batch, (batch,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shard writing (flush rules of ANCHORS 1.3)
+# ---------------------------------------------------------------------------------------------------------------
+
+class ShardWriter:
+    """Fills fixed-size shards in order: val shards first, then train shards (start_split="train" when no val)."""
+
+    def __init__(self, out_dir: Path, chunk_tokens: int, start_split: str):
+        self.out_dir, self.chunk = out_dir, chunk_tokens
+        self.buf = np.empty(chunk_tokens, dtype=np.uint16)
+        self.fill = 0
+        self.split = start_split
+        self.shards: list[dict] = []  # {"name", "split", "tokens"} in write order
+
+    def add(self, tokens: np.ndarray) -> None:
+        pos = 0
+        while pos < len(tokens):
+            take = min(len(tokens) - pos, self.chunk - self.fill)
+            self.buf[self.fill:self.fill + take] = tokens[pos:pos + take]
+            self.fill += take
+            pos += take
+            if self.fill == self.chunk:
+                self.flush()
+
+    def flush(self) -> None:
+        if self.fill == 0:
+            return
+        index = sum(s["split"] == self.split for s in self.shards)
+        name = f"fineweb_{self.split}_{index:06d}.bin"
+        train_gpt.write_shard(self.out_dir / name, self.buf[:self.fill])
+        self.shards.append({"name": name, "split": self.split, "tokens": int(self.fill)})
+        self.fill = 0
+
+    def start_train(self) -> None:
+        if self.split != "train":
+            self.flush()
+            self.split = "train"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenizer: reuse or train
+# ---------------------------------------------------------------------------------------------------------------
+
+def piece_count(model_path: str | os.PathLike) -> int:
+    """The model's vocabulary size, after checking it uses the BOS id the shards and trainers assume."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(model_path))
+    if sp.bos_id() != BOS_ID:
+        raise SystemExit(f"tokenizer error: {model_path} has bos_id {sp.bos_id()}; shards and trainers use "
+                         f"BOS id {BOS_ID} (the challenge recipe: pad/bos/eos/unk = 0/1/2/3)")
+    return sp.get_piece_size()
+
+
+def install_tokenizer(src: Path, dest_model: Path) -> str | None:
+    """Copy a given .model (and its .vocab when there is one) to dest; return the vocab path written or None."""
+    pairs = [(src, dest_model)]
+    src_vocab, dest_vocab = src.with_suffix(".vocab"), dest_model.with_suffix(".vocab")
+    if src_vocab.is_file():
+        pairs.append((src_vocab, dest_vocab))
+    elif dest_vocab.exists():
+        dest_vocab.unlink()  # it belonged to another model
+    for a, b in pairs:
+        if b.exists() and (os.path.samefile(a, b) or file_sha256(a) == file_sha256(b)):
+            continue
+        train_gpt.atomic_write_bytes(b, a.read_bytes())
+    return str(pairs[1][1]) if len(pairs) > 1 else None
+
+
+def train_tokenizer(input_path: str, dest_model: Path, vocab_size: int, train_docs: int | None) -> None:
+    tmp_prefix = dest_model.parent / f".tmp_{dest_model.stem}_{os.getpid()}"
+    dest_model.parent.mkdir(parents=True, exist_ok=True)
+    print(f"training a {vocab_size}-piece SentencePiece BPE tokenizer on "
+          f"{'all' if train_docs is None else f'the first {train_docs:,}'} docs of {input_path}", flush=True)
+    t0 = time.time()
+    try:
+        train_gpt.train_sentencepiece(DocReader(input_path, limit=train_docs), str(tmp_prefix), vocab_size)
+        got = piece_count(f"{tmp_prefix}.model")
+        if got != vocab_size:
+            raise SystemExit(f"tokenizer error: training produced {got} pieces, not {vocab_size}; the training text "
+                             "is too small for that vocabulary: use more --tokenizer-train-docs or a smaller --vocab-size")
+        os.replace(f"{tmp_prefix}.vocab", dest_model.with_suffix(".vocab"))
+        os.replace(f"{tmp_prefix}.model", dest_model)
+    finally:
+        for ext in (".model", ".vocab"):
+            if os.path.exists(f"{tmp_prefix}{ext}"):
+                os.unlink(f"{tmp_prefix}{ext}")
+    print(f"tokenizer written to {dest_model} in {time.time() - t0:.1f}s", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Build record, idempotency, manifest
+# ---------------------------------------------------------------------------------------------------------------
+
+def existing_shards(dataset_dir: Path) -> set[str]:
+    return {os.path.basename(p) for pat in SHARD_PATTERNS for p in glob.glob(str(dataset_dir / pat))}
+
+
+def read_stamp(dataset_dir: Path) -> dict | None:
+    try:
+        return json.loads((dataset_dir / STAMP_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def stamp_is_current(stamp: dict | None, request: dict, dataset_dir: Path, model_path: Path) -> bool:
+    """True when the recorded build answers this request and every file it made is still there and valid."""
+    if not stamp or stamp.get("request") != request:
+        return False
+    if not model_path.is_file() or file_sha256(model_path) != stamp.get("tokenizer_sha256"):
+        return False
+    shards = stamp.get("shards", [])
+    if existing_shards(dataset_dir) != {s["name"] for s in shards}:
+        return False
+    for s in shards:
+        try:
+            if train_gpt.read_shard_header(dataset_dir / s["name"]) != s["tokens"]:
+                return False
+        except (OSError, train_gpt.ShardError):
+            return False
+    return True
+
+
+def clear_previous_build(dataset_dir: Path, stamp: dict | None, overwrite: bool) -> None:
+    """Remove the shards of an earlier build; refuse to delete shards this script did not write unless told to."""
+    owned = {s["name"] for s in (stamp or {}).get("shards", [])}
+    present = existing_shards(dataset_dir)
+    foreign = sorted(present - owned)
+    if foreign and not overwrite:
+        raise SystemExit(f"output error: {dataset_dir} holds {len(foreign)} shard file(s) this script did not write "
+                         f"(downloaded ones?), e.g. {foreign[0]}. Choose another --out, or pass --overwrite to "
+                         "delete them and build there.")
+    (dataset_dir / STAMP_NAME).unlink(missing_ok=True)  # an interrupted build must not look complete
+    for name in present:
+        (dataset_dir / name).unlink()
+    for tmp in glob.glob(str(dataset_dir / ".fineweb_*")):  # leftovers of killed atomic writes
+        os.unlink(tmp)
+
+
+def relative_to(path: str | os.PathLike, root: Path) -> str:
+    """A path under root as a path relative to it (how the manifest records it); anything else as absolute."""
+    path, root_abs = os.path.abspath(path), os.path.abspath(root)
+    return os.path.relpath(path, root_abs) if os.path.commonpath([path, root_abs]) == root_abs else path
+
+
+def manifest_entries(stamp: dict, out: Path, dataset_dir: Path, model_path: Path, vocab_path: str | None) -> dict:
+    """The manifest.json content for this build (fields of ANCHORS 1.3; paths relative to --out)."""
+    req, stats = stamp["request"], stamp["stats"]
+    v = req["vocab_size"]
+    bigram = math.ceil(v / 128) * 128 * 5
+    tok_name = f"sp_bpe_{v}"
+    spec = {"name": tok_name, "kind": "sentencepiece_bpe", "vocab_size": v}
+    if "train" in req["tokenizer"]:
+        spec["tokenizer_train_docs"] = req["tokenizer"]["train"]["tokenizer_train_docs"]
+    else:
+        spec["reuse_model_sha256"] = req["tokenizer"]["reuse_sha256"]
+    rel_ds = relative_to(dataset_dir, out)
+    return {
+        "version": MANIFEST_VERSION,
+        "builder": "data/build_shards.py",
+        "num_docs": stats["docs_total"],
+        "num_val_docs": req["num_val_docs"],
+        "shuffle_seed": None,  # documents are taken in file order
+        "shard_size": req["chunk_tokens"],
+        "append_eos": False,
+        "docs_jsonl": relative_to(stamp["input_path"], out),
+        "docs_meta": {"remote_repo_id": None, "remote_root": None, "num_docs": stats["docs_total"],
+                      "docs_sha256": req["input"]["sha256"], "source_manifest": None},
+        "tokenizer_specs": [spec],
+        "tokenizers": [{"name": tok_name, "kind": "sentencepiece_bpe", "vocab_size": v, "bos_id": BOS_ID,
+                        "eos_id": EOS_ID, "recommended_bigram_vocab_size": bigram, "source_spec": spec,
+                        "model_path": relative_to(model_path, out),
+                        "vocab_path": relative_to(vocab_path, out) if vocab_path else None}],
+        "datasets": [{"name": dataset_dir.name, "tokenizer_name": tok_name, "tokenizer_kind": "sentencepiece_bpe",
+                      "path": rel_ds, "train_glob": f"{rel_ds}/fineweb_train_*.bin",
+                      "val_glob": f"{rel_ds}/fineweb_val_*.bin", "vocab_size": v, "bos_id": BOS_ID, "eos_id": EOS_ID,
+                      "recommended_bigram_vocab_size": bigram, "stats": stats}],
+    }
+
+
+def merge_manifest(old: dict | None, new: dict) -> dict:
+    """New top-level fields; entries of other datasets/tokenizers already listed in the old manifest are kept."""
+    merged = dict(new)
+    for key in ("tokenizers", "datasets"):
+        mine = {e["name"] for e in new[key]}
+        kept = [e for e in (old or {}).get(key, []) if isinstance(e, dict) and e.get("name") not in mine]
+        merged[key] = kept + new[key]
+    return merged
+
+
+def write_manifest(out: Path, entries: dict) -> bool:
+    path = out / "manifest.json"
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        old = None
+    merged = merge_manifest(old, entries)
+    if merged == old:
+        return False
+    train_gpt.atomic_write_bytes(path, (json.dumps(merged, indent=2) + "\n").encode())
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------------------------
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True, help='jsonl with a "text" field per line; .xz is decompressed on the fly')
+    p.add_argument("--out", default=str(DATA_DIR), help="output root (default: %(default)s)")
+    p.add_argument("--tokenizer", help="reuse this SentencePiece .model instead of training one")
+    p.add_argument("--vocab-size", type=int, help="vocabulary of the tokenizer to train (default 8192); with "
+                   "--tokenizer it must match the model")
+    p.add_argument("--tokenizer-train-docs", type=int, help="train the tokenizer on the first N docs (default: all)")
+    p.add_argument("--num-val-docs", type=int, required=True, help="the first N docs become validation shards (the "
+                   "challenge used 50000 on its docs_selected.jsonl); 0 = no validation shards: point the trainer's "
+                   "VAL_FILES at a separate validation set")
+    p.add_argument("--chunk-tokens", type=int, default=100_000_000, help="tokens per shard (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="encoding processes (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="delete shards in the output dataset folder that this "
+                   "script did not write (e.g. downloaded ones)")
+    args = p.parse_args(argv)
+    if args.chunk_tokens < 1:
+        p.error("--chunk-tokens must be >= 1")
+    if args.num_val_docs < 0:
+        p.error("--num-val-docs must be >= 0")
+    if args.tokenizer_train_docs is not None and args.tokenizer_train_docs < 1:
+        p.error("--tokenizer-train-docs must be >= 1")
+    if args.tokenizer and args.tokenizer_train_docs is not None:
+        p.error("--tokenizer-train-docs only applies when training a tokenizer (no --tokenizer)")
+    if not os.path.isfile(args.input):
+        p.error(f"--input {args.input} is not a file")
+    if args.tokenizer and not os.path.isfile(args.tokenizer):
+        p.error(f"--tokenizer {args.tokenizer} is not a file")
+    return args
+
+
+def build(args: argparse.Namespace) -> dict:
+    out = Path(args.out)
+    t0 = time.time()
+    if args.tokenizer:
+        vocab_size = piece_count(args.tokenizer)
+        if args.vocab_size is not None and args.vocab_size != vocab_size:
+            raise SystemExit(f"tokenizer error: {args.tokenizer} has {vocab_size} pieces, not --vocab-size {args.vocab_size}")
+        tok_request = {"reuse_sha256": file_sha256(args.tokenizer)}
+    else:
+        vocab_size = args.vocab_size or 8192
+        import sentencepiece as spm
+
+        tok_request = {"train": {"tokenizer_train_docs": args.tokenizer_train_docs,
+                                 "recipe": "train_gpt.train_sentencepiece", "sentencepiece": spm.__version__}}
+    if vocab_size > 65536:
+        raise SystemExit(f"tokenizer error: {vocab_size} pieces do not fit the uint16 shard format (<= 65536)")
+    request = {"format": BUILD_FORMAT, "input": {"sha256": file_sha256(args.input), "bytes": os.path.getsize(args.input)},
+               "tokenizer": tok_request, "vocab_size": vocab_size, "num_val_docs": args.num_val_docs,
+               "chunk_tokens": args.chunk_tokens}
+    dataset_dir = out / "datasets" / dataset_name(vocab_size)
+    model_path = out / "tokenizers" / f"{tokenizer_basename(vocab_size)}.model"
+    vocab_file = model_path.with_suffix(".vocab")
+    stamp = read_stamp(dataset_dir)
+
+    if stamp_is_current(stamp, request, dataset_dir, model_path):
+        vocab_path = str(vocab_file) if vocab_file.is_file() else None
+        changed = write_manifest(out, manifest_entries(stamp, out, dataset_dir, model_path, vocab_path))
+        print(f"up to date: {dataset_dir} ({len(stamp['shards'])} shards, {stamp['stats']['tokens_total']:,} tokens)"
+              + ("; manifest.json rewritten" if changed else "; nothing written"), flush=True)
+        return stamp
+
+    dataset_dir.mkdir(parents=True, exist_ok=True)
+    clear_previous_build(dataset_dir, stamp, args.overwrite)
+    if args.tokenizer:
+        vocab_path = install_tokenizer(Path(args.tokenizer), model_path)
+    else:
+        same_request = stamp is not None and stamp.get("request", {}).get("tokenizer") == tok_request \
+            and stamp["request"].get("input") == request["input"] and stamp["request"].get("vocab_size") == vocab_size
+        if not (same_request and model_path.is_file() and file_sha256(model_path) == stamp.get("tokenizer_sha256")):
+            train_tokenizer(args.input, model_path, vocab_size, args.tokenizer_train_docs)
+        vocab_path = str(vocab_file) if vocab_file.is_file() else None
+
+    reader = DocReader(args.input)
+    writer = ShardWriter(dataset_dir, args.chunk_tokens, "val" if args.num_val_docs > 0 else "train")
+    docs = tokens = 0
+    tokens_val = 0
+    bar = tqdm(total=reader.size, unit="B", unit_scale=True, desc=f"encode {os.path.basename(args.input)}",
+               mininterval=1.0, file=sys.stderr)
+    for lengths, toks in encode_in_order(reader, str(model_path), args.workers):
+        n_val = min(max(args.num_val_docs - docs, 0), len(lengths))
+        split_at = int(lengths[:n_val].sum())
+        writer.add(toks[:split_at])
+        if n_val < len(lengths):
+            writer.start_train()
+        writer.add(toks[split_at:])
+        docs += len(lengths)
+        tokens += len(toks)
+        tokens_val += split_at
+        bar.update(reader.bytes_read() - bar.n)
+        bar.set_postfix(docs=docs, tokens=tokens, refresh=False)
+    writer.flush()
+    bar.close()
+
+    docs_val = min(args.num_val_docs, docs)
+    if docs == docs_val:
+        print(f"note: all {docs:,} docs went to validation (--num-val-docs {args.num_val_docs}); no train shards",
+              flush=True)
+    files_val = sum(s["split"] == "val" for s in writer.shards)
+    stats = {"docs_total": docs, "docs_val": docs_val, "docs_train": docs - docs_val,
+             "files_total": len(writer.shards), "files_val": files_val, "files_train": len(writer.shards) - files_val,
+             "tokens_total": tokens, "tokens_val": tokens_val, "tokens_train": tokens - tokens_val}
+    stamp = {"request": request, "input_path": os.path.abspath(args.input), "tokenizer_sha256": file_sha256(model_path),
+             "stats": stats, "shards": writer.shards}
+    train_gpt.atomic_write_bytes(dataset_dir / STAMP_NAME, (json.dumps(stamp, indent=2) + "\n").encode())
+    write_manifest(out, manifest_entries(stamp, out, dataset_dir, model_path, vocab_path))
+    print(f"wrote {len(writer.shards)} shards ({files_val} val, {stats['files_train']} train), {tokens:,} tokens from "
+          f"{docs:,} docs to {dataset_dir} in {time.time() - t0:.1f}s", flush=True)
+    return stamp
+
+
+def main(argv=None) -> None:
+    build(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def smoke_data(tmp_path_factory):
+    """(data_path, tokenizer_path) of the synthetic smoke dataset, made once per test session."""
+    import train_gpt
+
+    return train_gpt.make_smoke_data(str(tmp_path_factory.mktemp("smoke")), 512)
+
+
+def shared_file(*parts) -> Path:
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} not present (../shared/data is absent on this machine)")
+    return path

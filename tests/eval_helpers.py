@@ -1,0 +1,72 @@
+"""Shared pieces of the evaluation tests: the smoke GPT, its validation stream and byte tables, a log-capturing
+RunContext."""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import train_gpt as tg
+
+# The test machines have 2 shared cores; a second intra-op thread makes these small ops several times slower.
+torch.set_num_threads(1)
+
+
+def smoke_hp(**overrides) -> tg.Hyperparameters:
+    """SMOKE=1 config (T=128, stride 32, TTT chunks of 1024, 1 epoch) with a TTT lr big enough to move the scores."""
+    hp = tg.load_hyperparameters({"SMOKE": "1"})
+    return dataclasses.replace(hp, **{"ttt_lr": 0.05, **overrides})
+
+
+def smoke_stream(data: tuple[str, str], hp: tg.Hyperparameters, n_targets: int | None = None):
+    """(val tokens, byte tables as torch tensors) of the smoke data, optionally cut to n_targets targets."""
+    data_path, tokenizer_path = data
+    tokens = tg.load_validation_tokens(sorted(glob.glob(os.path.join(data_path, "fineweb_val_*.bin"))),
+                                       hp.eval_seq_len)
+    if n_targets is not None:
+        tokens = tokens[:n_targets + 1].clone()
+    sp = tg.load_tokenizer(tokenizer_path, hp.vocab_size)
+    tables = tuple(torch.from_numpy(t) for t in tg.build_byte_tables(sp, hp.vocab_size))
+    return tokens, tables
+
+
+def stream_bytes(tokens: torch.Tensor, tables) -> int:
+    """Byte total of a stream straight from the tables, with numpy, independent of the code under test."""
+    base, leading, boundary = (t.numpy() for t in tables)
+    prev, tgt = tokens[:-1].numpy(), tokens[1:].numpy()
+    return int(base[tgt].astype(np.int64).sum() + (leading[tgt] & ~boundary[prev]).sum())
+
+
+def make_model(hp: tg.Hyperparameters, seed: int = 0) -> tg.GPT:
+    """The smoke GPT with its depth loop on, as evaluated after training. Its output projections start at zero,
+    which would make every block the identity, so all weights get a little noise."""
+    tg.configure_attention("sdpa_math")
+    torch.manual_seed(seed)
+    model = tg.build_model(hp, torch.device("cpu"))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    model.looping = True
+    return model
+
+
+def lookahead_attention(q, k, v):
+    """The model's attention without its causal mask: the deliberately leaky model of a negative control."""
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), enable_gqa=True)
+    return y.transpose(1, 2)
+
+
+class LogLines(list):
+    def __call__(self, msg: str = "", console: bool = True) -> None:
+        self.append(msg)
+
+
+def make_ctx(rank: int = 0, world_size: int = 1) -> tg.RunContext:
+    """A CPU RunContext whose log keeps its lines in ctx.log (a list). Every rank logs, so rank 0 filters here."""
+    ctx = tg.RunContext(rank=rank, world_size=world_size, local_rank=rank, device=torch.device("cpu"))
+    ctx.log = LogLines() if rank == 0 else (lambda msg="", console=True: None)
+    return ctx

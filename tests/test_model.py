@@ -1,0 +1,73 @@
+"""Model shape, parameter count, layer schedule and attention equivalence."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train_gpt as tg
+
+
+def test_default_parameter_count():
+    hp = tg.load_hyperparameters({})
+    with torch.device("meta"):
+        model = tg.GPT(hp)
+    assert sum(p.numel() for p in model.parameters()) == 35_944_536
+
+
+def test_layer_schedule_and_skip_pairing():
+    assert tg.layer_schedule(11, 3, 5, 2, looping=True) == ([0, 1, 2, 3, 4, 5, 3, 4], [5, 3, 4, 5, 6, 7, 8, 9, 10])
+    assert tg.layer_schedule(11, 3, 5, 2, looping=False) == ([0, 1, 2, 3, 4], [5, 6, 7, 8, 9, 10])
+    hp = tg.load_hyperparameters({})
+    with torch.device("meta"):
+        model = tg.GPT(hp)
+    assert model.skip_weights.shape == (8, 512) and model.skip_gates.shape == (8, 512)
+    assert [b.parallel for b in model.blocks] == [False] * 7 + [True] * 4
+    assert all(b.attn.xsa for b in model.blocks)
+
+
+def reference_attention(q, k, v):
+    """Plain softmax attention with an explicit causal mask and repeated K/V heads."""
+    B, T, H, D = q.shape
+    rep = H // k.size(2)
+    k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+    scores = torch.einsum("bthd,bshd->bhts", q.double(), k.double()) / math.sqrt(D)
+    scores = scores.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float("-inf"))
+    return torch.einsum("bhts,bshd->bthd", scores.softmax(-1), v.double())
+
+
+def test_cpu_attention_matches_plain_softmax_with_gqa():
+    tg.configure_attention("sdpa_math")
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 37, 8, 16), torch.randn(2, 37, 4, 16), torch.randn(2, 37, 4, 16)
+    out = tg.causal_attention(q, k, v)
+    ref = reference_attention(q, k, v)
+    assert (out.double() - ref).norm() / ref.norm() < 1e-5
+
+
+def test_model_is_causal_and_loops_change_the_function(smoke_data):
+    hp = tg.load_hyperparameters({"SMOKE": "1"})
+    tg.configure_attention("sdpa_math")
+    torch.manual_seed(0)
+    model = tg.build_model(hp, torch.device("cpu"))
+    for p in model.parameters():  # zero-initialized projections would hide wiring mistakes
+        p.data.add_(0.02 * torch.randn_like(p))
+    x = torch.randint(0, hp.vocab_size, (2, 40))
+    y = x.clone()
+    y[:, 25:] = torch.randint(0, hp.vocab_size, (2, 15))
+    with torch.no_grad():
+        a, b = model.forward_logits(x), model.forward_logits(y)
+        assert torch.equal(a[:, :25], b[:, :25]) and not torch.allclose(a[:, 25:], b[:, 25:])
+        model.looping = True
+        c = model.forward_logits(x)
+    assert not torch.allclose(a, c)
+    assert a.abs().max() <= hp.logit_softcap
+
+
+def test_rotary_leaves_non_rotary_dims_and_norms():
+    rot = tg.Rotary(16, 10000.0, 32)
+    x = torch.randn(1, 9, 2, 64)
+    out = rot(x)
+    assert torch.equal(out[..., 16:], x[..., 16:])
+    assert torch.allclose(out[..., :16].norm(dim=-1), x[..., :16].norm(dim=-1), atol=1e-5)
+    assert torch.equal(out[:, 0], x[:, 0])  # position 0 is not rotated

@@ -1,0 +1,164 @@
+"""records/make_record.py on fixture runs: the folder, submission.json, README, plot, and compliance failures."""
+import json
+
+import pytest
+from records_fixtures import A1493, VAL_TOKENS, bpb_of, load_make_record, write_runs
+
+mr = load_make_record()
+SUBMISSION_FIELDS = {"author", "github_id", "name", "date", "val_bpb", "val_loss", "val_bpb_std", "val_loss_std",
+                     "bytes_total", "bytes_code", "seeds", "seed_results", "hardware", "pytorch_version", "track",
+                     "blurb", "technique_summary", "compliance", "artifact_bytes_mean", "artifact_bytes_max",
+                     "train_time_s_mean", "eval_time_s_mean", "submittable", "significance"}
+BETTER_BASELINE = [l + 0.02 for l in (A1493[s][0][3] for s in (42, 314, 999))]  # we beat it by 0.02 nats
+
+
+def build(tmp_path, overrides=None, **kw):
+    runs = write_runs(tmp_path / "runs", overrides=overrides or {})
+    kw = {"out_root": tmp_path / "records", "date": "2026-04-09", "name": "Fixture", "author": "Ada",
+          "github_id": "ada", "baseline_losses": BETTER_BASELINE, **kw}
+    return mr.assemble(runs, **kw)
+
+
+def test_assemble_complete_folder(tmp_path):
+    res = build(tmp_path)
+    folder = res["folder"]
+    assert folder == tmp_path / "records" / "2026-04-09_Fixture"
+    assert res["submittable"], res["failures"]
+    names = {p.name for p in folder.iterdir()}
+    assert names == {"README.md", "submission.json", "train_gpt.py", "requirements.txt", "loss_curves.png",
+                     "train_seed42.log", "train_seed314.log", "train_seed999.log"}
+    assert (folder / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    sub = json.loads((folder / "submission.json").read_text())
+    assert SUBMISSION_FIELDS <= set(sub)
+    ttt = [A1493[s][0][3] for s in (42, 314, 999)]
+    assert sub["val_loss"] == pytest.approx(sum(ttt) / 3, abs=1e-8)
+    assert sub["val_bpb"] == pytest.approx(sum(bpb_of(x) for x in ttt) / 3, abs=1e-8)
+    assert sub["seeds"] == [42, 314, 999] and sub["track"] == "10min_16mb" and sub["submittable"] is True
+    assert sub["bytes_code"] == len((folder / "train_gpt.py").read_bytes())
+    assert sub["bytes_total"] == A1493[999][2] + sub["bytes_code"]
+    assert sub["seed_results"]["314"]["steps"] == 4557
+    assert set(sub["seed_results"]["42"]) >= {"val_loss", "val_bpb", "artifact_bytes", "steps", "train_time_s",
+                                              "eval_time_s"}
+    assert sub["hardware"] == "8xNVIDIA H100 80GB HBM3"
+    comp = sub["compliance"]
+    for key in ("train_under_600s", "artifact_under_16mb", "eval_under_600s", "score_first_ttt", "coverage_complete",
+                "three_seeds", "wrapped_script_ok", "significant_improvement"):
+        assert comp[key] is True, key
+    assert sub["significance"]["significant"] and sub["significance"]["mean_delta_nats"] == pytest.approx(-0.02)
+
+    readme = (folder / "README.md").read_text()
+    assert readme.startswith("# Fixture: val_bpb 1.0810")
+    assert "NOT SUBMITTABLE" not in readme
+    for text in ("| 42 | 4550 | 1.08734789 |", "Causal", "Normalized distribution", "Score before update",
+                 "Single pass", "## Reproduction", "cached_challenge_fineweb.py --variant sp8192",
+                 "SEEDS=42,314,999 NAME=Fixture ./run.sh", "QK_GAIN_INIT=5.25", "**significant**",
+                 "loss_curves.png"):
+        assert text in readme, text
+
+
+def test_shipped_script_round_trips(tmp_path):
+    folder = build(tmp_path)["folder"]
+    tg = mr.train_gpt()
+    wrapped = (folder / "train_gpt.py").read_text()
+    assert wrapped.startswith(tg.WRAPPER_PREFIX)
+    assert tg.unwrap_source(wrapped) == tg.minify_source((tmp_path / "runs" / "train_gpt.py").read_text())
+
+
+def test_baseline_from_records_folder(tmp_path):
+    """The first folder as the baseline of identical runs: no 0.005-nat improvement, so not submittable."""
+    first = build(tmp_path)["folder"]
+    second = mr.assemble(tmp_path / "runs", out_root=tmp_path / "records2", date="2026-04-10", baseline=str(first),
+                         dry_run=False)
+    sig = second["submission"]["significance"]
+    assert sig["baseline"] == "Fixture" and sig["mean_delta_nats"] == pytest.approx(0.0, abs=1e-12)
+    assert sig["significant"] is False and not second["submittable"]
+    assert any("significant_improvement" in f for f in second["failures"])
+
+
+def set_eval_field(field, value):
+    def mutate(seed_dir):
+        summary = json.loads((seed_dir / "summary.json").read_text())
+        for ev in summary["evals"].values():
+            ev[field] = value
+        (seed_dir / "summary.json").write_text(json.dumps(summary))
+    return mutate
+
+
+@pytest.mark.parametrize("overrides, check", [
+    ({42: {"artifact_bytes": 15_999_000}}, "artifact_under_16mb"),
+    ({314: {"train_time_s": 601.0}}, "train_under_600s"),
+    ({999: {"eval_times": (10.0, 30.0, 150.0, 420.0)}}, "eval_under_600s"),
+    ({42: {"val_tokens": VAL_TOKENS - 2048}}, "coverage_complete"),
+    ({42: {"ttt": {"mode": "pre_quant_multi_epoch", "score_before_update": False}}}, "score_first_ttt"),
+    ({314: {"ttt": {"mode": "score_first", "score_before_update": False}}}, "score_first_ttt"),
+    ({999: {"gpu": "NVIDIA A100-SXM4-80GB"}}, "hardware_8xh100"),
+])
+def test_compliance_failures_are_detected(tmp_path, overrides, check):
+    res = build(tmp_path, overrides, dry_run=False)
+    assert not res["submittable"]
+    assert any(check in f for f in res["failures"]), res["failures"]
+    sub = json.loads((res["folder"] / "submission.json").read_text())
+    assert sub["submittable"] is False and any(check in f for f in sub["compliance"]["failed_checks"])
+    assert "> **NOT SUBMITTABLE**" in (res["folder"] / "README.md").read_text().split("## Results")[0]
+
+
+def test_coverage_missing_counts_fail(tmp_path):
+    runs = write_runs(tmp_path / "runs")
+    for seed_dir in runs.glob("seed_*"):
+        set_eval_field("expected_tokens", None)(seed_dir)
+        log = seed_dir / "train.log"
+        log.write_text("".join(l + "\n" for l in log.read_text().splitlines() if not l.startswith("coverage ")))
+        (seed_dir / "metrics.jsonl").unlink()
+    res = mr.assemble(runs, out_root=tmp_path / "rec", dry_run=False)
+    assert any("coverage_complete" in f and "no coverage count" in f for f in res["failures"])
+
+
+def test_stale_log_is_caught(tmp_path):
+    runs = write_runs(tmp_path / "runs")
+    log = runs / "seed_42" / "train.log"
+    log.write_text(log.read_text().replace("val_bpb:1.08079352", "val_bpb:1.09000000"))
+    res = mr.assemble(runs, out_root=tmp_path / "rec", dry_run=False)
+    assert any("seed 42 log_matches_summary" in f for f in res["failures"])
+
+
+def test_failed_seed_is_reported_and_others_kept(tmp_path):
+    runs = write_runs(tmp_path / "runs")
+    (runs / "seed_314" / "summary.json").unlink()
+    (runs / "seed_314" / "run_status.json").write_text('{"seed": 314, "rc": 124, "status": "timeout"}')
+    res = mr.assemble(runs, out_root=tmp_path / "rec", dry_run=False)
+    sub = res["submission"]
+    assert sub["seed_results"]["314"] == {"status": "timeout", "rc": 124}
+    assert sub["val_loss"] == pytest.approx((A1493[42][0][3] + A1493[999][0][3]) / 2, abs=1e-8)
+    assert {"seed 314 completed", "three_seeds", "all_seeds_completed"} <= {f.split(" (")[0] for f in res["failures"]}
+    assert "| 314 | TIMEOUT |" in (res["folder"] / "README.md").read_text()
+
+
+def test_cli_exit_codes(tmp_path, capsys):
+    runs = write_runs(tmp_path / "runs", overrides={42: {"train_time_s": 601.0}})
+    args = ["--runs-dir", str(runs), "--out-root", str(tmp_path / "rec"), "--no-dry-run", "--baseline-losses",
+            ",".join(map(str, BETTER_BASELINE))]
+    assert mr.main(args) == 1
+    err = capsys.readouterr().err
+    assert "NOT SUBMITTABLE" in err and "train_under_600s" in err
+    assert mr.main(args) == 2  # the folder exists
+    assert "--force" in capsys.readouterr().err
+    assert mr.main(args + ["--force", "--allow-fail"]) == 0
+
+
+def test_parse_train_log_formats():
+    text = "\n".join([
+        "0/20000 val_loss: 9.0100 val_bpb: 3.4877",
+        "500/20000 train_loss: 3.1234 train_time: 1.2m tok/s: 7700000",
+        "stopping_early: wallclock_cap train_time: 588047ms step: 4550/20000",
+        "pre-quantization post-ema val_loss:2.80873254 val_bpb:1.08734790 eval_time:7440ms",
+        "quantized_ttt val_loss:2.79180191 val_bpb:1.08079352 eval_time:366525ms",
+        "coverage quantized_ttt val_tokens:40540160 val_bytes:151078222 expected_tokens:40540160",
+        "Total submission size quantized+brotli: 15991930 bytes",
+    ])
+    log = mr.parse_train_log(text)
+    assert log["evals"]["quantized_ttt"] == {"val_loss": 2.79180191, "val_bpb": 1.08079352, "eval_time_s": 366.525}
+    assert log["evals"]["pre-quantization post-ema"]["val_bpb"] == 1.0873479
+    assert log["coverage"]["quantized_ttt"]["expected_tokens"] == 40540160
+    assert log["total_bytes"] == 15991930 and log["stop"] == {"train_time_ms": 588047, "step": 4550}
+    assert log["train"] == [(500, 3.1234)] and log["val"] == [(0, 9.01)]

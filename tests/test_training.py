@@ -1,0 +1,114 @@
+"""Training loop: loop activation, wallclock stop, configuration errors, dry run and the CPU smoke run."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt as tg
+from conftest import ROOT
+
+
+def make_trainer(smoke_data, tmp_path, **env):
+    environ = {"SMOKE": "1", "DATA_PATH": smoke_data[0], "TOKENIZER_PATH": smoke_data[1], **env}
+    hp = tg.load_hyperparameters(environ)
+    ctx = tg.RunContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"),
+                        log_path=str(tmp_path / "train.log"), metrics_path=str(tmp_path / "metrics.jsonl"))
+    tg.configure_attention("sdpa_math")
+    torch.manual_seed(0)
+    model = tg.build_model(hp, ctx.device)
+    files = tg.find_shards(os.path.join(hp.data_path, "fineweb_train_*.bin"), "training")
+    return hp, ctx, tg.Trainer(hp, ctx, model, files)
+
+
+def test_looping_switches_on_at_the_configured_fraction(smoke_data, tmp_path):
+    hp, ctx, trainer = make_trainer(smoke_data, tmp_path, MAX_WALLCLOCK_SECONDS="0", ITERATIONS="8",
+                                    ENABLE_LOOPING_AT="0.5", WARMUP_STEPS="0")
+    seen = []
+    stats = tg.train(hp, ctx, trainer, 0.0, lambda step, ms: seen.append((step, trainer.model.looping)))
+    assert stats["steps"] == 8 and stats["looping_enabled_step"] == 4
+    log = (tmp_path / "train.log").read_text()
+    assert "layer_loop:enabled step:4 frac:0.500 encoder:[0, 1, 2, 3, 2] decoder:[3, 2, 3, 4, 5]" in log
+    assert seen == [(8, True)]  # the final validation runs with looping on
+
+
+def test_wallclock_stop_never_exceeds_the_budget(smoke_data, tmp_path):
+    hp, ctx, trainer = make_trainer(smoke_data, tmp_path, WARMUP_STEPS="0")
+    stats = tg.train(hp, ctx, trainer, 4000.0, lambda step, ms: None)
+    assert 0 < stats["train_ms"] <= 4000.0
+    assert "stopping_early: wallclock_cap" in (tmp_path / "train.log").read_text()
+    losses = [json.loads(l)["train_loss"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < losses[0]
+
+
+def test_compile_warmup_restores_the_initial_state(smoke_data, tmp_path):
+    hp, ctx, trainer = make_trainer(smoke_data, tmp_path, WARMUP_STEPS="2")
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    first_batch = trainer.loader.next_batch(2)[0]
+    trainer.new_loader()
+    trainer.compile_warmup()
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+    assert all(len(opt.state) == 0 or all(len(s) == 0 for s in opt.state.values()) for opt in trainer.optimizers)
+    assert torch.equal(trainer.loader.next_batch(2)[0], first_batch)  # data restarts from the beginning
+    assert not trainer.model.looping
+
+
+def test_data_order_depends_on_seed_and_rank(smoke_data):
+    files = tg.find_shards(os.path.join(smoke_data[0], "fineweb_train_*.bin"), "training")
+    first = lambda seed, rank: tg.ShuffledSequenceLoader(files, 64, seed, rank, 2, torch.device("cpu")).next_batch(4)[0]
+    assert torch.equal(first(1, 0), first(1, 0))
+    assert not torch.equal(first(1, 0), first(2, 0))
+    assert not torch.equal(first(1, 0), first(1, 1))
+
+
+def run_script(env, timeout=240, cwd=ROOT):
+    full = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    full.update(env)
+    return subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], env=full, cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_dry_run_prints_config_and_parameter_count():
+    r = run_script({"DRY_RUN": "1", "CUDA_VISIBLE_DEVICES": ""})
+    assert r.returncode == 0, r.stderr
+    assert "Hyperparameters:" in r.stdout and "  qk_gain_init: 5.25" in r.stdout
+    assert "model_params:35944536" in r.stdout
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"WORLD_SIZE": "3"}, "must divide 8"),
+    ({"MATRIX_LR": "fast"}, "MATRIX_LR='fast' is not a valid float"),
+    ({"LOOP_END": "20"}, "LOOP_END"),
+    ({"COMPRESSOR": "zip"}, "COMPRESSOR"),
+])
+def test_invalid_configuration_fails_with_what_to_set(env, message):
+    r = run_script({"DRY_RUN": "1", **env})
+    assert r.returncode != 0 and message in r.stderr
+
+
+def test_missing_data_and_tokenizer_mismatch_fail_before_training(smoke_data, tmp_path):
+    r = run_script({"DATA_PATH": str(tmp_path / "nowhere"), "TOKENIZER_PATH": smoke_data[1], "VOCAB_SIZE": "512"})
+    assert r.returncode != 0 and "no training shards match" in r.stderr and "cached_challenge_fineweb.py" in r.stderr
+    r = run_script({"SMOKE": "1", "DATA_PATH": smoke_data[0], "TOKENIZER_PATH": smoke_data[1], "VOCAB_SIZE": "1024"})
+    assert r.returncode != 0 and "has 512 pieces but VOCAB_SIZE=1024" in r.stderr
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "fineweb_train_000000.bin").write_bytes(b"\0" * 2048)
+    r = run_script({"SMOKE": "1", "DATA_PATH": str(bad), "TOKENIZER_PATH": smoke_data[1]})
+    assert r.returncode != 0 and "fineweb_train_000000.bin: bad magic" in r.stderr
+
+
+def test_cpu_smoke_run_end_to_end(tmp_path):
+    r = run_script({"SMOKE": "1", "ARTIFACT_DIR": str(tmp_path), "RUN_ID": "smoke"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    log = (tmp_path / "train.log").read_text()
+    for line in ("model_params:", "warmup_step: 2/2", "loop_warmup_step: 2/2", "layer_loop:enabled",
+                 "stopping_early: wallclock_cap", "ema:applying EMA weights"):
+        assert line in log
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] >= 3 and summary["train_time_s"] <= 12.0
+    assert (tmp_path / "final_model.pt").stat().st_size > 0
