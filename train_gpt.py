@@ -133,7 +133,7 @@ SMOKE_DEFAULTS = dict(
     xsa_last_n=6, loop_start=2, loop_end=3, parallel_residual_start=4, train_seq_len=128, eval_seq_len=128,
     train_batch_tokens=2048, val_batch_tokens=4096, max_wallclock_seconds=12.0, warmup_steps=2,
     train_log_every=10, val_loss_every=0, gptq_calibration_batches=2, gptq_reserve_seconds=0.0,
-    eval_stride=32, ttt_chunk_tokens=1024, ttt_epochs=1, compile=0, muon_momentum_warmup_steps=20,
+    eval_stride=64, ttt_chunk_tokens=2048, ttt_epochs=1, compile=0, muon_momentum_warmup_steps=20,
     matrix_lr=0.03, tied_embed_lr=0.05, scalar_lr=0.03, embed_bits=8,
 )
 
@@ -430,8 +430,8 @@ def make_smoke_data(root: str, vocab_size: int, seed: int = 0) -> tuple[str, str
 
     sp = spm.SentencePieceProcessor(model_file=str(model))
     encoded = [[1] + ids for ids in sp.encode(docs)]
-    val = np.concatenate(encoded[:150])
-    train = np.concatenate(encoded[150:])
+    val = np.concatenate(encoded[:100])
+    train = np.concatenate(encoded[100:])
     half = len(train) // 2
     write_shard(data / "fineweb_train_000000.bin", train[:half])
     write_shard(data / "fineweb_train_000001.bin", train[half:])
@@ -2280,8 +2280,6 @@ def evaluate_artifact(hp: Hyperparameters, ctx: RunContext, path: str, val_token
     if hp.ttt_enabled:
         del model
         model = load_quantized_model(hp, ctx, path)
-        ctx.log(f"ttt:start chunks={len(ttt_plan(val_tokens.numel() - 1, hp))} ttt_lr={hp.ttt_lr} "
-                f"ttt_epochs={hp.ttt_epochs}")
         results.append(eval_val_ttt(model, val_tokens, tables, hp, ctx, label="quantized_ttt"))
     summary["eval_time_s"] = log_eval_summary(results, hp, ctx, timings)
     for r in results:
@@ -2296,48 +2294,6 @@ def evaluate_artifact(hp: Hyperparameters, ctx: RunContext, path: str, val_token
 def write_summary(hp: Hyperparameters, ctx: RunContext, summary: dict) -> None:
     if ctx.is_main:
         atomic_write_bytes(os.path.join(hp.artifact_dir, "summary.json"), json.dumps(summary, indent=2).encode())
-
-
-def main() -> None:
-    hp = load_hyperparameters()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    validate_hyperparameters(hp, world)
-    if hp.dry_run:
-        dry_run(hp)
-        return
-    if hp.eval_only and not os.path.isfile(hp.artifact_path):
-        raise SystemExit(f"config error: ARTIFACT_PATH={hp.artifact_path} does not exist")
-    train_files, val_files, val_tokens, byte_tables = prepare_data(hp, int(os.environ.get("RANK", "0")))
-    ctx = setup_distributed()
-    os.makedirs(hp.artifact_dir, exist_ok=True)
-    ctx.log_path = os.path.join(hp.artifact_dir, "train.log")
-    ctx.metrics_path = os.path.join(hp.artifact_dir, "metrics.jsonl")
-    ctx.log(format_hyperparameters(hp))
-    ctx.log(f"train_shards: {len(train_files)}")
-    ctx.log(f"val_tokens: {val_tokens.numel() - 1}")
-    gpu = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu"
-    ctx.log(f"world_size:{ctx.world_size} device:{gpu} torch:{torch.__version__} python:{sys.version.split()[0]} "
-            f"attention:{configure_attention()}")
-    tables = tuple(torch.from_numpy(t).to(ctx.device) for t in byte_tables)
-    summary = dict(seed=hp.seed, run_id=hp.run_id, world_size=ctx.world_size, gpu=gpu, torch_version=torch.__version__,
-                   python_version=sys.version.split()[0], hyperparameters=dataclasses.asdict(hp), evals={})
-    script = os.path.abspath(__file__)
-    artifact_path = hp.artifact_path if hp.eval_only else os.path.join(hp.artifact_dir, "final_model.int6.ptz")
-    if hp.eval_only:
-        ctx.log(f"EVAL_ONLY=1: evaluating {artifact_path} without training")
-    else:
-        train_and_quantize(hp, ctx, train_files, val_tokens, tables, script, artifact_path, summary)
-    total, lines, fits = size_report(artifact_path, script, hp.compressor)
-    for line in lines:
-        ctx.log(line)
-    summary.update(artifact_bytes=os.path.getsize(artifact_path), code_bytes=total - os.path.getsize(artifact_path),
-                   total_bytes=total, size_cap_ok=fits)
-    write_summary(hp, ctx, summary)
-    evaluate_artifact(hp, ctx, artifact_path, val_tokens, tables, summary)
-    write_summary(hp, ctx, summary)
-    if ctx.distributed:
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 def train_and_quantize(hp, ctx, train_files, val_tokens, tables, script, artifact_path, summary) -> None:
@@ -2392,6 +2348,48 @@ def train_and_quantize(hp, ctx, train_files, val_tokens, tables, script, artifac
     write_summary(hp, ctx, summary)
     if ctx.distributed:
         dist.barrier()
+
+
+def main() -> None:
+    hp = load_hyperparameters()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    validate_hyperparameters(hp, world)
+    if hp.dry_run:
+        dry_run(hp)
+        return
+    if hp.eval_only and not os.path.isfile(hp.artifact_path):
+        raise SystemExit(f"config error: ARTIFACT_PATH={hp.artifact_path} does not exist")
+    train_files, val_files, val_tokens, byte_tables = prepare_data(hp, int(os.environ.get("RANK", "0")))
+    ctx = setup_distributed()
+    os.makedirs(hp.artifact_dir, exist_ok=True)
+    ctx.log_path = os.path.join(hp.artifact_dir, "train.log")
+    ctx.metrics_path = os.path.join(hp.artifact_dir, "metrics.jsonl")
+    ctx.log(format_hyperparameters(hp))
+    ctx.log(f"train_shards: {len(train_files)}")
+    ctx.log(f"val_tokens: {val_tokens.numel() - 1}")
+    gpu = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu"
+    ctx.log(f"world_size:{ctx.world_size} device:{gpu} torch:{torch.__version__} python:{sys.version.split()[0]} "
+            f"attention:{configure_attention()}")
+    tables = tuple(torch.from_numpy(t).to(ctx.device) for t in byte_tables)
+    summary = dict(seed=hp.seed, run_id=hp.run_id, world_size=ctx.world_size, gpu=gpu, torch_version=torch.__version__,
+                   python_version=sys.version.split()[0], hyperparameters=dataclasses.asdict(hp), evals={})
+    script = os.path.abspath(__file__)
+    artifact_path = hp.artifact_path if hp.eval_only else os.path.join(hp.artifact_dir, "final_model.int6.ptz")
+    if hp.eval_only:
+        ctx.log(f"EVAL_ONLY=1: evaluating {artifact_path} without training")
+    else:
+        train_and_quantize(hp, ctx, train_files, val_tokens, tables, script, artifact_path, summary)
+    total, lines, fits = size_report(artifact_path, script, hp.compressor)
+    for line in lines:
+        ctx.log(line)
+    summary.update(artifact_bytes=os.path.getsize(artifact_path), code_bytes=total - os.path.getsize(artifact_path),
+                   total_bytes=total, size_cap_ok=fits)
+    write_summary(hp, ctx, summary)
+    evaluate_artifact(hp, ctx, artifact_path, val_tokens, tables, summary)
+    write_summary(hp, ctx, summary)
+    if ctx.distributed:
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
