@@ -111,7 +111,7 @@ class Hyperparameters:
     mlp_clip_sigmas: float = -1.0  # < 0: MATRIX_CLIP_SIGMAS
     embed_clip_sigmas: float = 20.0
     compressor: str = "brotli"
-    size_target_bytes: int = 0  # > 0: search the clip multiplier to land under this many total bytes
+    size_target_bytes: int = SIZE_CAP_BYTES  # > 0: search the clip multiplier to land under this many total bytes
     eval_only: int = 0
     artifact_path: str = ""  # artifact to evaluate with EVAL_ONLY=1
     # evaluation
