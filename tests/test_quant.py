@@ -360,3 +360,34 @@ def test_autopilot_lands_under_a_target_the_defaults_exceed(trained_like, monkey
     # the artifact it chose loads back into the model
     tensors, meta = tg.unpack_artifact(blob)
     tg.dequantize_state_dict(tensors, meta, sd)
+
+
+# ----- the real model (section 3), on CPU at smoke size ----------------------------------------------------------------
+
+@pytest.mark.skipif(not hasattr(tg, "build_model"), reason="needs the model of section 3")
+def test_real_gpt_calibrate_quantize_pack_load(small_threshold):
+    config = tg.load_hyperparameters({"SMOKE": "1"})
+    torch.manual_seed(0)
+    model = tg.build_model(config, torch.device("cpu"))
+    with torch.no_grad():  # an untrained model has zero projections; give every matrix trained-looking weights
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.copy_(torch.randn_like(p) * 0.05)
+    model.looping = True
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(0, config.vocab_size, (2, 65), generator=g) for _ in range(2)]
+    H, _ = tg.collect_hessians(model, [(s[:, :-1], s[:, 1:]) for s in seqs])
+    linears = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.weight.numel() > 1024}
+    assert set(H) == linears | {"tok_emb.weight"}
+    last = config.num_layers - 1  # a parallel-residual layer: attention and MLP read one input, so one Hessian
+    assert torch.equal(H[f"blocks.{last}.attn.c_q.weight"], H[f"blocks.{last}.mlp.fc.weight"])
+    sd = model.state_dict()
+    blob, info = tg.build_artifact(sd, H, config, code_bytes=0, log=lambda s: None)
+    tensors, meta = tg.unpack_artifact(blob)
+    fresh = tg.build_model(config, torch.device("cpu"))
+    fresh.load_state_dict(tg.dequantize_state_dict(tensors, meta, fresh.state_dict()))
+    fresh.looping = True
+    with torch.no_grad():
+        x, y = seqs[0][:, :-1], seqs[0][:, 1:]
+        before, after = model(x, y).item(), fresh(x, y).item()
+    assert 0 < abs(after - before) < 0.02 * before, (before, after)
