@@ -2241,6 +2241,11 @@ def calibration_batches(hp: Hyperparameters, ctx: RunContext, train_files: list[
     return [loader.next_batch(micro_seqs) for _ in range(n)]
 
 
+def calibration_batches_per_rank(hp: Hyperparameters, ctx: RunContext) -> int:
+    """GPTQ_CALIBRATION_BATCHES is the total: the Hessians are averaged over ranks, so each rank does its share."""
+    return -(-hp.gptq_calibration_batches // ctx.world_size)
+
+
 def measure_gptq_reserve(hp: Hyperparameters, ctx: RunContext, model: GPT, train_files, micro_seqs: int) -> float:
     """Seconds to reserve for Hessian collection: one calibration batch timed (after one untimed), times the count.
 
@@ -2255,8 +2260,9 @@ def measure_gptq_reserve(hp: Hyperparameters, ctx: RunContext, model: GPT, train
     collect_hessians(model, batches[:1])
     _, per_batch = collect_hessians(model, batches[1:])
     model.looping = looping
-    reserve = 1.15 * per_batch * hp.gptq_calibration_batches + 1.0  # 15% + 1 s for loader and all-reduce jitter
-    ctx.log(f"gptq:measured {per_batch:.3f}s per calibration batch x {hp.gptq_calibration_batches} batches")
+    n = calibration_batches_per_rank(hp, ctx)
+    reserve = 1.15 * per_batch * n + 1.0  # 15% + 1 s for loader and all-reduce jitter
+    ctx.log(f"gptq:measured {per_batch:.3f}s per calibration batch x {n} batches per rank")
     return all_reduce_max(ctx, reserve)
 
 
@@ -2326,8 +2332,8 @@ def train_and_quantize(hp, ctx, train_files, val_tokens, tables, script, artifac
     ctx.log("GPTQ:collecting Hessians from calibration data...")
     model.looping = hp.num_loops > 0
     calib_t0 = time.perf_counter()
-    hessians, _ = collect_hessians(model, calibration_batches(hp, ctx, train_files, hp.gptq_calibration_batches,
-                                                              trainer.micro_seqs))
+    hessians, _ = collect_hessians(model, calibration_batches(hp, ctx, train_files,
+                                                              calibration_batches_per_rank(hp, ctx), trainer.micro_seqs))
     calib_s = time.perf_counter() - calib_t0
     counted_s = stats["train_ms"] / 1000 + calib_s
     ctx.log(f"GPTQ:collected {len(hessians)} Hessians in {calib_s:.1f}s (reserved {reserve_s:.1f}s); "
