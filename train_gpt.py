@@ -133,7 +133,7 @@ SMOKE_DEFAULTS = dict(
     xsa_last_n=6, loop_start=2, loop_end=3, parallel_residual_start=4, train_seq_len=128, eval_seq_len=128,
     train_batch_tokens=2048, val_batch_tokens=4096, max_wallclock_seconds=12.0, warmup_steps=2,
     train_log_every=10, val_loss_every=0, gptq_calibration_batches=2, gptq_reserve_seconds=0.0,
-    eval_stride=64, ttt_chunk_tokens=2048, ttt_epochs=1, compile=0, muon_momentum_warmup_steps=20,
+    eval_stride=32, ttt_chunk_tokens=1024, ttt_epochs=1, compile=0, muon_momentum_warmup_steps=20,
     matrix_lr=0.03, tied_embed_lr=0.05, scalar_lr=0.03, embed_bits=8,
 )
 
@@ -430,8 +430,8 @@ def make_smoke_data(root: str, vocab_size: int, seed: int = 0) -> tuple[str, str
 
     sp = spm.SentencePieceProcessor(model_file=str(model))
     encoded = [[1] + ids for ids in sp.encode(docs)]
-    val = np.concatenate(encoded[:100])
-    train = np.concatenate(encoded[100:])
+    val = np.concatenate(encoded[:150])
+    train = np.concatenate(encoded[150:])
     half = len(train) // 2
     write_shard(data / "fineweb_train_000000.bin", train[:half])
     write_shard(data / "fineweb_train_000001.bin", train[half:])

@@ -84,7 +84,8 @@ def small_threshold(monkeypatch):
 
 
 def hp(**kw):
-    return tg.Hyperparameters(**kw)
+    """Default settings with the size autopilot off unless a test asks for a target."""
+    return tg.Hyperparameters(**{"size_target_bytes": 0, **kw})
 
 
 def correlated_layer(rows=96, cols=128, n=4096, seed=0):
