@@ -24,6 +24,7 @@ import time
 import uuid
 import warnings
 import zlib
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 PROCESS_START = time.time()  # launch -> first timed step is reported (cold-start cost)
 
@@ -528,6 +530,10 @@ class Rotary(nn.Module):
         return torch.cat((a * cos + b * sin, b * cos - a * sin, rest), dim=-1)
 
 
+SDPA_BACKENDS = {"sdpa_cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa_flash": SDPBackend.FLASH_ATTENTION,
+                 "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION}  # in order of preference when equally fast
+
+
 def _pick_attention_backend() -> str:
     """FA3 if importable; else on CUDA the fastest SDPA backend that does GQA natively (timed); 'math' on CPU."""
     try:
@@ -538,16 +544,13 @@ def _pick_attention_backend() -> str:
         pass
     if not torch.cuda.is_available():
         return "sdpa_math"
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     q = torch.randn(4, 8, 2048, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k = torch.randn(4, 4, 2048, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     v = torch.randn_like(k, requires_grad=True)
     timings = {}
     warnings.filterwarnings("ignore", message=".*kernel not used because.*")
     warnings.filterwarnings("ignore", message=".*(has been runtime disabled|same num_heads).*")
-    for name, backend in (("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa_flash", SDPBackend.FLASH_ATTENTION),
-                          ("sdpa_efficient", SDPBackend.EFFICIENT_ATTENTION)):
+    for name, backend in SDPA_BACKENDS.items():
         try:
             with sdpa_kernel(backend):
                 for i in range(13):
@@ -585,12 +588,7 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 def sdpa_context():
     """Restrict SDPA to the chosen backend (no-op for FA3 and on CPU)."""
-    from contextlib import nullcontext
-
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    backend = {"sdpa_cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa_flash": SDPBackend.FLASH_ATTENTION,
-               "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION}.get(ATTENTION_BACKEND)
+    backend = SDPA_BACKENDS.get(ATTENTION_BACKEND)
     return sdpa_kernel(backend) if backend is not None else nullcontext()
 
 
@@ -907,8 +905,6 @@ class RunContext:
                 f.write(json.dumps(record) + "\n")
 
     def autocast(self):
-        from contextlib import nullcontext
-
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
 
     def sync(self):
@@ -952,7 +948,7 @@ class Trainer:
         for micro in range(self.grad_accum):
             x, y = self.loader.next_batch(self.micro_seqs)
             last = micro == self.grad_accum - 1
-            sync_ctx = self.train_model.no_sync() if self.ctx.distributed and not last else _null()
+            sync_ctx = self.train_model.no_sync() if self.ctx.distributed and not last else nullcontext()
             with sync_ctx, self.ctx.autocast(), sdpa_context():
                 loss = self.train_model(x, y)
             (loss / self.grad_accum).backward()
@@ -996,12 +992,6 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
         self.new_loader()
         ctx.sync()
-
-
-def _null():
-    from contextlib import nullcontext
-
-    return nullcontext()
 
 
 def train(hp: Hyperparameters, ctx: RunContext, trainer: Trainer, budget_ms: float, validate) -> dict:
