@@ -5,7 +5,7 @@
 1. Correctness on CUDA: the fused per-row loss and dz against the fp32 eager reference (30·tanh(z/30), then
    F.cross_entropy) for bf16 and fp32 z, at the training shape and at a vocabulary that is not a multiple of the block.
    Bounds: loss 1e-4 absolute; dz (rtol·|ref| + 1e-6/N) with rtol 2^-8 + 1e-4 for bf16 (rounding to nearest) and 1e-4
-   for fp32 (tests/test_fused_ce.py explains them).
+   for fp32 (tests/test_fused_ce.py explains them). Also the LZMA-wrapped script's kernels (compiled from linecache).
 2. Timing (median of --iters, CUDA events) of forward and forward+backward, and the peak memory above the inputs, for
    the loss alone (z given, bf16 [rows, vocab]) and for head + loss (z = h·Wᵀ inside the timed function):
    eager, eager under torch.compile(fullgraph=True), fused, fused under torch.compile(fullgraph=True).
@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import statistics
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -69,6 +70,24 @@ def check_case(rows: int, vocab: int, dtype: torch.dtype, seed: int) -> dict:
     del zf, zr, loss, ref
     torch.cuda.empty_cache()
     return result
+
+
+def check_wrapped(folder: Path) -> dict:
+    """The LZMA-wrapped script (what a submission runs): its kernels compile from the linecache source on the GPU."""
+    import runpy
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "train_gpt_wrapped.py"
+    path.write_text(tg.wrap_source((ROOT / "train_gpt.py").read_text()))
+    g = runpy.run_path(str(path), run_name="wrapped_train_gpt")  # re-registers the custom ops (same code)
+    z = (torch.randn(512, 8192, device="cuda") * 15).to(torch.bfloat16).requires_grad_()
+    targets = torch.randint(0, 8192, (512,), device="cuda")
+    loss = g["softcap_cross_entropy"](z, targets, CAP)
+    loss.mean().backward()
+    ref = F.cross_entropy(CAP * torch.tanh(z.detach().float() / CAP), targets, reduction="none")
+    err = (loss - ref).abs().max().item()
+    return dict(rows=512, vocab=8192, dtype="bfloat16 (wrapped script)", loss_err=err,
+                ok=bool(err <= 1e-4 and torch.isfinite(z.grad.float()).all()))
 
 
 # ----- timing ---------------------------------------------------------------------------------------------------------
@@ -187,7 +206,8 @@ def main():
     print(" ".join(f"{k}:{v}" for k, v in env.items()))
 
     checks = [check_case(args.rows, args.vocab, torch.bfloat16, 0), check_case(4096, args.vocab, torch.float32, 1),
-              check_case(4096, 1000, torch.bfloat16, 2), check_case(4093, 2500, torch.float32, 3)]
+              check_case(4096, 1000, torch.bfloat16, 2), check_case(4093, 2500, torch.float32, 3),
+              check_wrapped(Path(tempfile.mkdtemp()))]
     print("\ncorrectness (fused vs fp32 eager reference)")
     print_table(checks, ["rows", "vocab", "dtype", "loss_err", "mean_loss_err", "dz_err_ratio", "dz_dtype", "ok"])
 

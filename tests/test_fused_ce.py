@@ -66,12 +66,12 @@ def _fused(tg, z: torch.Tensor, targets: torch.Tensor, fn=None) -> tuple[torch.T
     return loss.detach(), z.grad
 
 
-def _errors(loss, dz, ref_loss, ref_dz) -> dict:
-    """Max loss error, and the max of |dz - ref| / (rtol·|ref| + atol) over the entries for each rtol in use."""
+def _errors(loss, dz, ref_loss, ref_dz, dtype: str) -> dict:
+    """Max loss error, and the max over the entries of |dz - ref| / (rtol·|ref| + atol): <= 1 passes."""
     err = (dz.float() - ref_dz).abs()
     atol = GRAD_ATOL_TIMES_N / dz.size(0)
     return dict(loss_err=(loss - ref_loss).abs().max().item(), dz_dtype=str(dz.dtype).split(".")[-1],
-                dz_ratio={k: (err / (r * ref_dz.abs() + atol)).max().item() for k, r in GRAD_RTOL.items()},
+                dz_ratio=(err / (GRAD_RTOL[dtype] * ref_dz.abs() + atol)).max().item(),
                 finite=bool(torch.isfinite(loss).all() and torch.isfinite(dz).all()))
 
 
@@ -79,7 +79,7 @@ def check_kernels(tg) -> dict:
     out = {}
     for i, (n, v, dtype) in enumerate(CASES):
         z, targets = _logits(n, v, getattr(torch, dtype), seed=i)
-        out[f"{n}x{v}_{dtype}"] = _errors(*_fused(tg, z, targets), *_reference(z, targets))
+        out[f"{n}x{v}_{dtype}"] = _errors(*_fused(tg, z, targets), *_reference(z, targets), dtype)
     return out
 
 
@@ -160,12 +160,7 @@ def test_kernels_match_eager_reference(interp, case):
     assert r["finite"]
     assert r["dz_dtype"] == dtype  # the gradient comes back in z's dtype, as autograd expects
     assert r["loss_err"] <= LOSS_ATOL
-    assert r["dz_ratio"][dtype] <= 1.0, r
-
-
-def test_bf16_gradient_is_not_fp32_exact(interp):
-    """Guards the bf16 tolerance: the bf16 result is rounded (it would be suspicious if it met the fp32 bound)."""
-    assert any(r["dz_ratio"]["float32"] > 1.0 for k, r in interp["kernels"].items() if k.endswith("bfloat16"))
+    assert r["dz_ratio"] <= 1.0, r
 
 
 def test_compiled_fullgraph_matches_eager_op(interp):
