@@ -78,6 +78,7 @@ class Hyperparameters:
     rope_dims: int = 16
     qk_gain_init: float = 5.25
     logit_softcap: float = 30.0
+    fused_ce: int = 1  # training loss by the fused Triton kernels (CUDA); the eager CE where Triton is missing
     xsa_last_n: int = 11
     num_loops: int = 2
     loop_start: int = 3
@@ -445,7 +446,7 @@ def make_smoke_data(root: str, vocab_size: int, seed: int = 0) -> tuple[str, str
 # Code size: the challenge counts the bytes of train_gpt.py; submissions ship it LZMA-compressed, base85-wrapped.
 # -----------------------------------------------------------------------------------------------------
 
-WRAPPER_PREFIX = "import lzma as L,base64 as B\n"
+WRAPPER_PREFIX = "import lzma as L,base64 as B,linecache as C\n"
 
 
 def minify_source(src: str) -> str:
@@ -460,11 +461,17 @@ def minify_source(src: str) -> str:
 
 
 def wrap_source(src: str) -> str:
-    """Two-line self-extracting script: base85 of a raw LZMA2 stream of the minified source."""
+    """Two-line self-extracting script: base85 of a raw LZMA2 stream of the minified source.
+
+    The source is entered in linecache under a made-up file name (mtime None: never checked against a file) and
+    compiled under that name, so that inspect.getsource works on its functions, as @triton.jit needs (+96 bytes).
+    exec() runs it in the wrapper's own namespace, so __name__ is "__main__" when the wrapper runs as a script.
+    """
     payload = lzma.compress(minify_source(src).encode(), format=lzma.FORMAT_RAW,
                             filters=[{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}])
-    return (WRAPPER_PREFIX + 'exec(L.decompress(B.b85decode("' + base64.b85encode(payload).decode()
-            + '"),format=L.FORMAT_RAW,filters=[{"id":L.FILTER_LZMA2}]))\n')
+    return (WRAPPER_PREFIX + 's=L.decompress(B.b85decode("' + base64.b85encode(payload).decode()
+            + '"),format=L.FORMAT_RAW,filters=[{"id":L.FILTER_LZMA2}]).decode();n="<wrapped>"'
+            + ';C.cache[n]=0,None,s.splitlines(1),n;exec(compile(s,n,"exec"))\n')
 
 
 def unwrap_source(wrapped: str) -> str:
@@ -666,10 +673,122 @@ def layer_schedule(num_layers: int, loop_start: int, loop_end: int, num_loops: i
     return order[:half], order[half:]
 
 
+# -----------------------------------------------------------------------------------------------------
+# Fused softcapped cross-entropy (Triton, training loss only; record #1787). With c the softcap and s = sigmoid(2z/c),
+# w = 2c·s equals c·tanh(z/c) + c, and a constant shift leaves softmax and CE unchanged. Forward: one program per row
+# streams z over the vocabulary with an online max/sum-exp -> LSE; loss = LSE - w[target]. Backward recomputes s:
+# dz = g·(softmax(w) - onehot)·dw/dz, dw/dz = 2c·s(1-s)·(2/c) = 4s(1-s). So z (bf16) is read once per pass and
+# neither the softcapped logits nor an fp32 copy of z ([N, V], 3 GB per micro-batch at V = 8192) is materialized.
+# -----------------------------------------------------------------------------------------------------
+
+try:  # optional: where Triton is missing (CPU machines, CI) the training loss takes the eager path
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+FUSED_CE_BLOCK, FUSED_CE_WARPS = 1024, 4  # vocabulary columns per step of a row's loop; warps per row (#1787)
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # Triton's CPU interpreter: tests run the kernels
+
+
+def fused_ce_supported(device: torch.device) -> bool:
+    return triton is not None and (device.type == "cuda" or (TRITON_INTERPRET and device.type == "cpu"))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _softcap_ce_fwd_kernel(z_ptr, tgt_ptr, loss_ptr, lse_ptr, cap, row_stride,
+                               V: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        z_row = z_ptr + row * row_stride
+        m = float("-inf")
+        total = 0.0
+        for start in range(0, V, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            z = tl.load(z_row + cols, mask=cols < V, other=0.0).to(tl.float32)
+            w = tl.where(cols < V, 2.0 * cap * tl.sigmoid(z * (2.0 / cap)), float("-inf"))
+            m_new = tl.maximum(m, tl.max(w, axis=0))
+            total = total * tl.exp(m - m_new) + tl.sum(tl.exp(w - m_new), axis=0)
+            m = m_new
+        lse = m + tl.log(total)
+        z_tgt = tl.load(z_row + tl.load(tgt_ptr + row)).to(tl.float32)
+        tl.store(loss_ptr + row, lse - 2.0 * cap * tl.sigmoid(z_tgt * (2.0 / cap)))
+        tl.store(lse_ptr + row, lse)
+
+    @triton.jit
+    def _softcap_ce_bwd_kernel(z_ptr, tgt_ptr, lse_ptr, g_ptr, dz_ptr, cap, row_stride,
+                               V: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        z_row, dz_row = z_ptr + row * row_stride, dz_ptr + row * row_stride
+        tgt, lse, g = tl.load(tgt_ptr + row), tl.load(lse_ptr + row), tl.load(g_ptr + row)
+        for start in range(0, V, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            z = tl.load(z_row + cols, mask=cols < V, other=0.0).to(tl.float32)
+            s = tl.sigmoid(z * (2.0 / cap))
+            dw = tl.exp(2.0 * cap * s - lse) - tl.where(cols == tgt, 1.0, 0.0)
+            tl.store(dz_row + cols, (g * dw * 4.0 * s * (1.0 - s)).to(dz_ptr.dtype.element_ty), mask=cols < V)
+
+    def _fused_ce_launch(kernel, z: Tensor, *args) -> None:
+        """One program per row of z. V is a compile-time constant (one vocabulary per run): the loop bounds are known
+        and Triton's CPU interpreter needs it so with NumPy >= 2.4."""
+        V = z.size(1)
+        kernel[(z.size(0),)](z, *args, z.stride(0), V, BLOCK=min(FUSED_CE_BLOCK, triton.next_power_of_2(V)),
+                             num_warps=FUSED_CE_WARPS)
+
+    # Custom ops (opaque to torch.compile, which traces them through the fake implementations). Loading the script
+    # twice in one process re-registers them; torch.library replaces the earlier definition.
+    @torch.library.custom_op("pgolf::softcap_ce", mutates_args=())
+    def _softcap_ce_op(z: Tensor, targets: Tensor, cap: float) -> tuple[Tensor, Tensor]:
+        """Per-row (loss, logsumexp) in fp32. z: [N, V] pre-softcap logits (bf16 or fp32); targets: [N] in [0, V)."""
+        z, targets = z.contiguous(), targets.contiguous()
+        loss = torch.empty(z.size(0), device=z.device, dtype=torch.float32)
+        lse = torch.empty_like(loss)
+        if z.numel():
+            _fused_ce_launch(_softcap_ce_fwd_kernel, z, targets, loss, lse, cap)
+        return loss, lse
+
+    @_softcap_ce_op.register_fake
+    def _softcap_ce_fake(z, targets, cap):
+        return z.new_empty(z.size(0), dtype=torch.float32), z.new_empty(z.size(0), dtype=torch.float32)
+
+    @torch.library.custom_op("pgolf::softcap_ce_backward", mutates_args=())
+    def _softcap_ce_backward_op(z: Tensor, targets: Tensor, lse: Tensor, grad: Tensor, cap: float) -> Tensor:
+        """dz (dtype of z) for per-row loss gradients `grad`."""
+        z = z.contiguous()
+        dz = torch.empty_like(z)
+        if z.numel():
+            _fused_ce_launch(_softcap_ce_bwd_kernel, z, targets.contiguous(), lse.contiguous(),
+                             grad.float().contiguous(), dz, cap)
+        return dz
+
+    @_softcap_ce_backward_op.register_fake
+    def _softcap_ce_backward_fake(z, targets, lse, grad, cap):
+        return torch.empty_like(z)
+
+    def _softcap_ce_setup_context(ctx, inputs, output):
+        z, targets, cap = inputs
+        ctx.save_for_backward(z, targets, output[1])
+        ctx.mark_non_differentiable(output[1])  # the LSE is kept for the backward only
+        ctx.cap = cap
+
+    def _softcap_ce_grad(ctx, grad_loss, grad_lse):
+        z, targets, lse = ctx.saved_tensors
+        return torch.ops.pgolf.softcap_ce_backward(z, targets, lse, grad_loss, ctx.cap), None, None
+
+    _softcap_ce_op.register_autograd(_softcap_ce_grad, setup_context=_softcap_ce_setup_context)
+
+
+def softcap_cross_entropy(z: Tensor, targets: Tensor, cap: float) -> Tensor:
+    """Per-row CE of softmax(cap·tanh(z/cap)) by the fused kernels (needs fused_ce_supported(z.device))."""
+    return torch.ops.pgolf.softcap_ce(z, targets, cap)[0]
+
+
 class GPT(nn.Module):
     def __init__(self, hp: Hyperparameters):
         super().__init__()
         self.softcap = hp.logit_softcap
+        self.fused_ce = bool(hp.fused_ce)
         self.tok_emb = nn.Embedding(hp.vocab_size, hp.model_dim)
         self.blocks = nn.ModuleList(Block(hp, i) for i in range(hp.num_layers))
         self.final_norm = RMSNorm()
@@ -708,13 +827,20 @@ class GPT(nn.Module):
             x = self.blocks[i](x, x0)
         return self.final_norm(x)
 
-    def forward_logits(self, ids: Tensor) -> Tensor:
+    def pre_softcap_logits(self, ids: Tensor) -> Tensor:
         h = self.hidden(ids)
-        z = F.linear(h, self.tok_emb.weight.to(h.dtype))  # tied head
+        return F.linear(h, self.tok_emb.weight.to(h.dtype))  # tied head; bf16 under autocast
+
+    def forward_logits(self, ids: Tensor) -> Tensor:
+        z = self.pre_softcap_logits(ids)
         return self.softcap * torch.tanh(z.float() / self.softcap)
 
     def forward(self, ids: Tensor, targets: Tensor) -> Tensor:
-        logits = self.forward_logits(ids)
+        """Mean training CE. The fused kernels take z as produced (bf16 under autocast), never an fp32 copy."""
+        z = self.pre_softcap_logits(ids)
+        if self.fused_ce and fused_ce_supported(z.device):
+            return softcap_cross_entropy(z.flatten(0, -2), targets.flatten(), self.softcap).mean()
+        logits = self.softcap * torch.tanh(z.float() / self.softcap)
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
 
 
@@ -2366,6 +2492,8 @@ def main() -> None:
     gpu = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu"
     ctx.log(f"world_size:{ctx.world_size} device:{gpu} torch:{torch.__version__} python:{sys.version.split()[0]} "
             f"attention:{configure_attention()}")
+    ctx.log(f"fused_ce:{int(bool(hp.fused_ce) and fused_ce_supported(ctx.device))} "
+            f"triton:{triton.__version__ if triton is not None else 'missing'}")
     tables = tuple(torch.from_numpy(t).to(ctx.device) for t in byte_tables)
     summary = dict(seed=hp.seed, run_id=hp.run_id, world_size=ctx.world_size, gpu=gpu, torch_version=torch.__version__,
                    python_version=sys.version.split()[0], hyperparameters=dataclasses.asdict(hp), evals={})
