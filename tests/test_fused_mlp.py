@@ -171,6 +171,7 @@ def test_compiled_fullgraph_matches_eager_under_autocast(monkeypatch):
     assert calls.n == 2
     for name, f, e in zip(("out", "du", "dW_up", "dW_down"), *results):
         assert f.dtype == e.dtype and f.shape == e.shape, name
+        # both are bf16 computations of the same values: they differ by about one rounding (~0.3%), not by 1%
         assert rel_err(f.float(), e.float()) < 1e-2, (name, rel_err(f.float(), e.float()))
 
 
