@@ -535,7 +535,7 @@ def build(args: argparse.Namespace) -> dict:
              "stats": stats, "shards": writer.shards}
     train_gpt.atomic_write_bytes(dataset_dir / STAMP_NAME, (json.dumps(stamp, indent=2) + "\n").encode())
     write_manifest(out, manifest_entries(stamp, out, dataset_dir, model_path, vocab_path))
-    sidecars = f" + {files_val} val byte sidecars" if args.caseops and files_val else ""
+    sidecars = f" + {files_val} val byte sidecar(s)" if args.caseops and files_val else ""
     print(f"wrote {files_val + files_train} shards ({files_val} val, {files_train} train){sidecars}, {tokens:,} tokens "
           f"from {docs:,} docs to {dataset_dir} in {time.time() - t0:.1f}s", flush=True)
     return stamp

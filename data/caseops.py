@@ -118,8 +118,9 @@ def caseops_decode(text: str) -> str:
     decoded = "".join(out)
     # The checks above catch misplaced markers; what remains is markers in the wrong form for their word (e.g. TITLE
     # "x" CAPNEXT "y" for "XY", which is ALLCAPS "xy"). Re-encoding rejects exactly those.
-    if caseops_encode(decoded) != text:
-        i = next((k for k, (a, b) in enumerate(zip(caseops_encode(decoded), text)) if a != b), min(n, len(decoded)))
+    canonical = caseops_encode(decoded)
+    if canonical != text:
+        i = next((k for k, (a, b) in enumerate(zip(canonical, text)) if a != b), min(n, len(canonical)))
         fail("markers not in the canonical form caseops_encode writes")
     return decoded
 
