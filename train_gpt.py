@@ -26,6 +26,7 @@ import warnings
 import zlib
 from contextlib import nullcontext
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -320,10 +321,103 @@ def build_byte_tables(sp, vocab_size: int):
     return base, leading, boundary
 
 
-def count_target_bytes(prev: Tensor, tgt: Tensor, tables) -> Tensor:
-    """Bytes credited to each target token given the token before it (tables as torch tensors on prev's device)."""
-    base, leading, boundary = tables
-    return base[tgt].to(torch.int64) + (leading[tgt] & ~boundary[prev]).to(torch.int64)
+class ByteTables(NamedTuple):
+    """What val_bpb divides by: the bytes each target is worth. The tables of build_byte_tables (ANCHORS 2.1), and,
+    when the val shards come with a byte sidecar, the sidecar, which then replaces them (ANCHORS 2.6). A plain
+    (base, leading, boundary) tuple is the same thing without a sidecar."""
+    base: Tensor
+    leading: Tensor
+    boundary: Tensor
+    sidecar: Tensor | None = None  # int32 original-text bytes per position of the val stream (BOS: 0)
+
+    def to(self, device) -> "ByteTables":
+        return ByteTables(*(None if t is None else t.to(device) for t in self))
+
+
+def count_target_bytes(prev: Tensor, tgt: Tensor, tables, tgt_pos: Tensor | None = None) -> Tensor:
+    """Bytes credited to each target token (tables as torch tensors on prev's device): the sidecar's count at the
+    target token's position in the val stream (tgt_pos; target i of the stream is token i + 1) when there is a
+    sidecar, else the table rule given the token before it."""
+    tables = ByteTables(*tables)
+    if tables.sidecar is not None:
+        if tgt_pos is None:
+            raise ValueError("byte counts from a sidecar need the targets' stream positions (tgt_pos)")
+        return tables.sidecar[tgt_pos].to(torch.int64)
+    return tables.base[tgt].to(torch.int64) + (tables.leading[tgt] & ~tables.boundary[prev]).to(torch.int64)
+
+
+CASEOPS_OPERATORS = "\ue001\ue002\ue003\ue004"  # TITLE, ALLCAPS, CAPNEXT, ESC of the transform in data/caseops.py
+
+
+def _protobuf_fields(buf: bytes):
+    """(field number, value) of a serialized protobuf message; enough to read a SentencePiece model's piece types."""
+    def varint(i):
+        value = shift = 0
+        while True:
+            value, shift, i = value | (buf[i] & 0x7F) << shift, shift + 7, i + 1
+            if buf[i - 1] < 0x80:
+                return value, i
+
+    i = 0
+    while i < len(buf):
+        key, i = varint(i)
+        wire = key & 7
+        if wire == 0:
+            value, i = varint(i)
+        elif wire == 2:
+            n, i = varint(i)
+            value, i = buf[i:i + n], i + n
+        elif wire in (1, 5):
+            n = 8 if wire == 1 else 4
+            value, i = buf[i:i + n], i + n
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        yield key >> 3, value
+
+
+def caseops_operator_ids(sp) -> list[int]:
+    """Ids of the CaseOps operator pieces of the tokenizer: U+E001..U+E004 as user-defined symbols (always split off
+    as their own tokens). The sentencepiece API hides piece types and protobuf is no dependency, so they are read
+    from the model's serialized proto (ModelProto field 1 = pieces; SentencePiece field 3 = type, 4 = USER_DEFINED)."""
+    pieces = [dict(_protobuf_fields(p)) for f, p in _protobuf_fields(sp.serialized_model_proto()) if f == 1]
+    return [i for i, p in enumerate(pieces) if p.get(3) == 4 and p.get(1, b"").decode() in CASEOPS_OPERATORS]
+
+
+def val_bytes_path(val_file: str) -> str | None:
+    """Where a val shard's byte sidecar lives: fineweb_val_X.bin -> fineweb_val_bytes_X.bin, same folder."""
+    folder, name = os.path.split(val_file)
+    if not name.startswith("fineweb_val_"):
+        return None
+    return os.path.join(folder, "fineweb_val_bytes_" + name[len("fineweb_val_"):])
+
+
+def load_validation_bytes(files: list[str], n_tokens: int, required_by: str | None) -> Tensor | None:
+    """The byte sidecars of the val shards, concatenated and cut like load_validation_tokens (n_tokens positions), as
+    int32; None when no val shard has one. Any sidecar present means all must be there, each as long as its shard.
+    required_by names the reason a missing sidecar is an error (a CaseOps tokenizer), or is None."""
+    build = ("build the validation data with its sidecars: python3 data/build_shards.py --caseops --tokenizer "
+             "<the CaseOps .model> (data/README.md)")
+    pairs = [(f, val_bytes_path(f)) for f in files]
+    missing = [(f, b) for f, b in pairs if b is None or not os.path.isfile(b)]
+    if len(missing) == len(pairs) and not required_by:
+        return None
+    if missing:
+        f, b = missing[0]
+        where = b or "fineweb_val_bytes_* (only a val shard named fineweb_val_* can have one)"
+        raise SystemExit(f"data error: {len(missing)} of {len(pairs)} validation shards have no byte sidecar, e.g. "
+                         f"{f} needs {where}. " + (f"{required_by}, so val_bpb needs them; " if required_by else "")
+                         + build)
+    counts = []
+    for f, b in pairs:
+        try:
+            n, n_bytes = read_shard_header(f), read_shard_header(b)
+        except ShardError as e:
+            raise SystemExit(f"data error: {e}")
+        if n != n_bytes:
+            raise SystemExit(f"data error: byte sidecar {b} has {n_bytes} counts but {f} has {n} tokens: they were "
+                             "not built together; " + build)
+        counts.append(read_shard(b))
+    return torch.from_numpy(np.concatenate(counts)[:n_tokens].astype(np.int32))
 
 
 def train_sentencepiece(docs, model_prefix: str, vocab_size: int, **overrides) -> str:
@@ -2203,8 +2297,9 @@ def _score_batches(model, tokens, windows: _Windows, batches: range, tables, sum
             pos = offsets[lo:T]
             target = starts[:, None] + pos
             scored = (pos >= score_from[:, None]) & (target < n)
-            # The in-window previous token is the stream's previous token, so bytes match the stream's byte total.
-            sums.add(ce, scored, target, count_target_bytes(x[:, lo:], y[:, lo:], tables))
+            # The in-window previous token is the stream's previous token, so bytes match the stream's byte total;
+            # a byte sidecar is read at the target token's own stream position, target + 1.
+            sums.add(ce, scored, target, count_target_bytes(x[:, lo:], y[:, lo:], tables, (target + 1).clamp(max=n)))
             if on_batch is not None:
                 on_batch(b + 1)
 
@@ -2237,7 +2332,7 @@ def _start_clock(model: nn.Module, hp: Hyperparameters, ctx: RunContext) -> floa
 
 
 def _on_device(val_tokens: Tensor, tables, ctx: RunContext):
-    return val_tokens.to(ctx.device), tuple(t.to(ctx.device) for t in tables)
+    return val_tokens.to(ctx.device), ByteTables(*tables).to(ctx.device)
 
 
 def _finish(sums: _ScoreSums, tokens, tables, label, counted, t0, ctx) -> EvalResult:
@@ -2246,7 +2341,8 @@ def _finish(sums: _ScoreSums, tokens, tables, label, counted, t0, ctx) -> EvalRe
     if sums.losses is not None:
         _all_reduce(sums.losses, ctx)
     loss_sum, n_tokens, n_bytes = totals.tolist()
-    expected_bytes = int(count_target_bytes(tokens[:-1], tokens[1:], tables).sum())
+    positions = torch.arange(1, tokens.numel(), device=tokens.device)
+    expected_bytes = int(count_target_bytes(tokens[:-1], tokens[1:], tables, positions).sum())
     exactly_once = bool((sums.hits == 1).all())
     val_loss = loss_sum / max(n_tokens, 1)
     val_bpb = loss_sum / (math.log(2) * max(n_bytes, 1))
@@ -2482,6 +2578,15 @@ def log_eval_summary(results: list[EvalResult], hp: Hyperparameters, ctx: RunCon
 # 8. Main
 # =====================================================================================================
 
+def caseops_reason(sp, hp: Hyperparameters) -> str | None:
+    """Why val_bpb needs the byte sidecar, if it does: the piece table counts an operator piece as 3 bytes of text
+    that the original never had, and cannot see escapes."""
+    if caseops_operator_ids(sp):
+        return (f"the tokenizer {hp.tokenizer_path} has the CaseOps operator pieces U+E001..U+E004, whose original "
+                "bytes its piece table cannot give")
+    return None
+
+
 def prepare_data(hp: Hyperparameters, ctx_rank: int):
     """Find and check shards and tokenizer before any GPU work; make the smoke data if asked to."""
     if hp.smoke and "DATA_PATH" not in os.environ and "DATA_DIR" not in os.environ:
@@ -2497,13 +2602,17 @@ def prepare_data(hp: Hyperparameters, ctx_rank: int):
     train_files = find_shards(os.path.join(hp.data_path, "fineweb_train_*.bin"), "training")
     val_files = find_shards(hp.val_files, "validation")
     sp = load_tokenizer(hp.tokenizer_path, hp.vocab_size)
-    tables = build_byte_tables(sp, hp.vocab_size)
     val_tokens = load_validation_tokens(val_files, hp.eval_seq_len)
+    tables = ByteTables(*(torch.from_numpy(t) for t in build_byte_tables(sp, hp.vocab_size)),
+                        sidecar=load_validation_bytes(val_files, val_tokens.numel(), caseops_reason(sp, hp)))
     for what, toks in (("validation", val_tokens.numpy()), (f"training ({train_files[0]})", read_shard(train_files[0]))):
         top = int(np.max(toks))
         if top >= hp.vocab_size:
             raise SystemExit(f"data error: {what} tokens go up to id {top} but VOCAB_SIZE={hp.vocab_size}: the shards "
                              "were made with another tokenizer; set VOCAB_SIZE/TOKENIZER_PATH/DATA_PATH consistently")
+    if tables.sidecar is not None and bool((tables.sidecar[tables.boundary[val_tokens]] != 0).any()):
+        raise SystemExit(f"data error: the byte sidecars of {hp.val_files} credit bytes to BOS/control tokens, so they "
+                         "do not line up with the tokens; rebuild them with data/build_shards.py --caseops")
     return train_files, val_files, val_tokens, tables
 
 
@@ -2682,7 +2791,9 @@ def main() -> None:
             f"attention:{configure_attention()}")
     ctx.log(f"fused_ce:{int(bool(hp.fused_ce) and fused_ce_supported(ctx.device))} "
             f"triton:{triton.__version__ if triton is not None else 'missing'}")
-    tables = tuple(torch.from_numpy(t).to(ctx.device) for t in byte_tables)
+    sidecar = byte_tables.sidecar is not None
+    ctx.log(f"val_byte_accounting: {'per-token byte sidecars fineweb_val_bytes_*' if sidecar else 'tokenizer piece table'}")
+    tables = byte_tables.to(ctx.device)
     summary = dict(seed=hp.seed, run_id=hp.run_id, world_size=ctx.world_size, gpu=gpu, torch_version=torch.__version__,
                    python_version=sys.version.split()[0], hyperparameters=dataclasses.asdict(hp), evals={})
     script = os.path.abspath(__file__)

@@ -13,6 +13,11 @@ Every document becomes [BOS=1] + encode(text) (no EOS). The first --num-val-docs
 fixed --chunk-tokens shards; documents straddle shard boundaries; the partial validation shard is flushed at the
 val -> train switch and the last partial shard at the end. Output does not depend on --workers.
 
+With --caseops (a CaseOps tokenizer, ANCHORS 7.4) every document becomes [BOS=1] + encode(caseops_encode(text)),
+under <out>/datasets/fineweb10B_sp<V>_lossless_caps_caseops_v1_reserved/, and each validation shard gets a byte
+sidecar fineweb_val_bytes_NNNNNN.bin (same format, one uint16 per token position: the original-text bytes of that
+token, BOS 0; data/caseops.py) from which train_gpt.py computes val_bpb.
+
 Re-running with the same input file, tokenizer and options does nothing when every shard is still valid. The record
 of what was built lives in <dataset dir>/.build_shards.json; manifest.json is derived from it (and merged with the
 entries of other datasets already listed there).
@@ -37,6 +42,8 @@ from tqdm import tqdm
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import caseops  # noqa: E402
 import train_gpt  # noqa: E402
 
 DATA_DIR = Path(__file__).resolve().parent
@@ -56,12 +63,15 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def tokenizer_basename(vocab_size: int) -> str:
-    return f"fineweb_{vocab_size}_bpe"
+CASEOPS_TAG = "lossless_caps_caseops_v1_reserved"  # the names record #1787 gives its CaseOps tokenizer and data
 
 
-def dataset_name(vocab_size: int) -> str:
-    return f"fineweb10B_sp{vocab_size}"
+def tokenizer_basename(vocab_size: int, caseops_data: bool = False) -> str:
+    return f"fineweb_{vocab_size}_bpe" + (f"_{CASEOPS_TAG}" if caseops_data else "")
+
+
+def dataset_name(vocab_size: int, caseops_data: bool = False) -> str:
+    return f"fineweb10B_sp{vocab_size}" + (f"_{CASEOPS_TAG}" if caseops_data else "")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -118,39 +128,52 @@ def batches(docs, max_chars: int | None = None):
 # ---------------------------------------------------------------------------------------------------------------
 
 _WORKER_SP = None
+_WORKER_SIDECAR = None  # caseops.SidecarTables when encoding CaseOps data
 
 
-def _init_encoder(model_path: str) -> None:
-    global _WORKER_SP
+def _init_encoder(model_path: str, caseops_data: bool = False) -> None:
+    global _WORKER_SP, _WORKER_SIDECAR
     import sentencepiece as spm
 
     _WORKER_SP = spm.SentencePieceProcessor(model_file=model_path)
+    _WORKER_SIDECAR = caseops.SidecarTables(_WORKER_SP) if caseops_data else None
 
 
-def _encode_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """-> (tokens per doc including its BOS, the docs' tokens concatenated as uint16, each doc led by BOS)."""
+def _encode_batch(texts: list[str], with_counts: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """-> (tokens per doc including its BOS, the docs' tokens concatenated as uint16, each doc led by BOS, and, for
+    CaseOps data when with_counts, the original-text bytes of each token position as uint16, else None)."""
+    if _WORKER_SIDECAR is not None:
+        texts = [caseops.caseops_encode(t) for t in texts]
     pieces = []
     for ids in _WORKER_SP.encode(texts, num_threads=1):
         pieces.append((BOS_ID,))
         pieces.append(ids)
     lengths = np.array([len(p) for p in pieces[1::2]], dtype=np.int64) + 1
     tokens = np.fromiter((t for p in pieces for t in p), dtype=np.uint16, count=int(lengths.sum()))
-    return lengths, tokens
+    counts = _WORKER_SIDECAR.counts(tokens).astype(np.uint16) if with_counts and _WORKER_SIDECAR else None
+    return lengths, tokens, counts
 
 
-def encode_in_order(docs, model_path: str, workers: int):
-    """Yield _encode_batch results in input order; workers > 1 encode in parallel with a bounded read-ahead."""
-    if workers <= 1:
-        _init_encoder(model_path)
+def encode_in_order(docs, model_path: str, workers: int, caseops_data: bool = False, count_docs: int = 0):
+    """Yield _encode_batch results in input order; workers > 1 encode in parallel with a bounded read-ahead. For
+    CaseOps data, batches holding any of the first count_docs documents (validation) come with byte counts."""
+    def tasks():
+        seen = 0
         for batch in batches(docs):
-            yield _encode_batch(batch)
+            yield batch, caseops_data and seen < count_docs
+            seen += len(batch)
+
+    if workers <= 1:
+        _init_encoder(model_path, caseops_data)
+        for task in tasks():
+            yield _encode_batch(*task)
         return
     methods = multiprocessing.get_all_start_methods()
     ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
-    with ctx.Pool(workers, initializer=_init_encoder, initargs=(model_path,)) as pool:
+    with ctx.Pool(workers, initializer=_init_encoder, initargs=(model_path, caseops_data)) as pool:
         pending = collections.deque()
-        for batch in batches(docs):
-            pending.append(pool.apply_async(_encode_batch, (batch,)))
+        for task in tasks():
+            pending.append(pool.apply_async(_encode_batch, task))
             if len(pending) >= 2 * workers:
                 yield pending.popleft().get()
         while pending:
@@ -162,20 +185,29 @@ def encode_in_order(docs, model_path: str, workers: int):
 # ---------------------------------------------------------------------------------------------------------------
 
 class ShardWriter:
-    """Fills fixed-size shards in order: val shards first, then train shards (start_split="train" when no val)."""
+    """Fills fixed-size shards in order: val shards first, then train shards (start_split="train" when no val).
+    With val_bytes, each val shard fineweb_val_N.bin gets its byte sidecar fineweb_val_bytes_N.bin, cut at the same
+    positions (split "val_bytes" in the shard list)."""
 
-    def __init__(self, out_dir: Path, chunk_tokens: int, start_split: str):
+    def __init__(self, out_dir: Path, chunk_tokens: int, start_split: str, val_bytes: bool = False):
         self.out_dir, self.chunk = out_dir, chunk_tokens
         self.buf = np.empty(chunk_tokens, dtype=np.uint16)
+        self.bytes_buf = np.empty(chunk_tokens, dtype=np.uint16) if val_bytes else None
         self.fill = 0
         self.split = start_split
         self.shards: list[dict] = []  # {"name", "split", "tokens"} in write order
 
-    def add(self, tokens: np.ndarray) -> None:
+    def add(self, tokens: np.ndarray, counts: np.ndarray | None = None) -> None:
+        """Append tokens; counts (one per token) are required while writing val shards with sidecars."""
+        with_bytes = self.bytes_buf is not None and self.split == "val" and len(tokens) > 0
+        if with_bytes and (counts is None or len(counts) != len(tokens)):
+            raise ValueError("val shards with byte sidecars need one byte count per token")
         pos = 0
         while pos < len(tokens):
             take = min(len(tokens) - pos, self.chunk - self.fill)
             self.buf[self.fill:self.fill + take] = tokens[pos:pos + take]
+            if with_bytes:
+                self.bytes_buf[self.fill:self.fill + take] = counts[pos:pos + take]
             self.fill += take
             pos += take
             if self.fill == self.chunk:
@@ -188,6 +220,10 @@ class ShardWriter:
         name = f"fineweb_{self.split}_{index:06d}.bin"
         train_gpt.write_shard(self.out_dir / name, self.buf[:self.fill])
         self.shards.append({"name": name, "split": self.split, "tokens": int(self.fill)})
+        if self.bytes_buf is not None and self.split == "val":
+            name = f"fineweb_val_bytes_{index:06d}.bin"
+            train_gpt.write_shard(self.out_dir / name, self.bytes_buf[:self.fill])
+            self.shards.append({"name": name, "split": "val_bytes", "tokens": int(self.fill)})
         self.fill = 0
 
     def start_train(self) -> None:
@@ -209,6 +245,19 @@ def piece_count(model_path: str | os.PathLike) -> int:
         raise SystemExit(f"tokenizer error: {model_path} has bos_id {sp.bos_id()}; shards and trainers use "
                          f"BOS id {BOS_ID} (the challenge recipe: pad/bos/eos/unk = 0/1/2/3)")
     return sp.get_piece_size()
+
+
+def check_caseops_tokenizer(model_path: str | os.PathLike, caseops_data: bool) -> None:
+    """A CaseOps tokenizer exactly when --caseops: each without the other gives data no trainer counts right."""
+    import sentencepiece as spm
+
+    n_ops = len(train_gpt.caseops_operator_ids(spm.SentencePieceProcessor(model_file=str(model_path))))
+    if caseops_data and n_ops != len(caseops.OPERATORS):
+        raise SystemExit(f"tokenizer error: --caseops needs a CaseOps tokenizer, with the operators U+E001..U+E004 as "
+                         f"pieces; {model_path} has {n_ops} of them")
+    if not caseops_data and n_ops:
+        raise SystemExit(f"tokenizer error: {model_path} is a CaseOps tokenizer (it has the operator pieces "
+                         "U+E001..U+E004); pass --caseops so that documents are transformed and val bytes recorded")
 
 
 def install_tokenizer(src: Path, dest_model: Path) -> str | None:
@@ -307,13 +356,20 @@ def manifest_entries(stamp: dict, out: Path, dataset_dir: Path, model_path: Path
     req, stats = stamp["request"], stamp["stats"]
     v = req["vocab_size"]
     bigram = math.ceil(v / 128) * 128 * 5
-    tok_name = f"sp_bpe_{v}"
+    caseops_data = "caseops" in req
+    tok_name = f"sp_bpe_{v}" + (f"_{CASEOPS_TAG}" if caseops_data else "")
     spec = {"name": tok_name, "kind": "sentencepiece_bpe", "vocab_size": v}
     if "train" in req["tokenizer"]:
         spec["tokenizer_train_docs"] = req["tokenizer"]["train"]["tokenizer_train_docs"]
     else:
         spec["reuse_model_sha256"] = req["tokenizer"]["reuse_sha256"]
     rel_ds = relative_to(dataset_dir, out)
+    dataset = {"name": dataset_dir.name, "tokenizer_name": tok_name, "tokenizer_kind": "sentencepiece_bpe",
+               "path": rel_ds, "train_glob": f"{rel_ds}/fineweb_train_*.bin",
+               "val_glob": f"{rel_ds}/fineweb_val_*.bin", "vocab_size": v, "bos_id": BOS_ID, "eos_id": EOS_ID,
+               "recommended_bigram_vocab_size": bigram, "stats": stats}
+    if caseops_data:  # val_glob also matches the sidecars; readers drop names with _bytes_ (ANCHORS 1.2)
+        dataset.update(text_transform=req["caseops"], val_bytes_glob=f"{rel_ds}/fineweb_val_bytes_*.bin")
     return {
         "version": MANIFEST_VERSION,
         "builder": "data/build_shards.py",
@@ -330,10 +386,7 @@ def manifest_entries(stamp: dict, out: Path, dataset_dir: Path, model_path: Path
                         "eos_id": EOS_ID, "recommended_bigram_vocab_size": bigram, "source_spec": spec,
                         "model_path": relative_to(model_path, out),
                         "vocab_path": relative_to(vocab_path, out) if vocab_path else None}],
-        "datasets": [{"name": dataset_dir.name, "tokenizer_name": tok_name, "tokenizer_kind": "sentencepiece_bpe",
-                      "path": rel_ds, "train_glob": f"{rel_ds}/fineweb_train_*.bin",
-                      "val_glob": f"{rel_ds}/fineweb_val_*.bin", "vocab_size": v, "bos_id": BOS_ID, "eos_id": EOS_ID,
-                      "recommended_bigram_vocab_size": bigram, "stats": stats}],
+        "datasets": [dataset],
     }
 
 
@@ -377,6 +430,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "VAL_FILES at a separate validation set")
     p.add_argument("--chunk-tokens", type=int, default=100_000_000, help="tokens per shard (default: %(default)s)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="encoding processes (default: %(default)s)")
+    p.add_argument("--caseops", action="store_true", help="CaseOps data (record #1787): transform each document with "
+                   "data/caseops.py before encoding it with --tokenizer, a CaseOps tokenizer, and write the byte "
+                   "sidecars fineweb_val_bytes_*.bin that val_bpb needs")
     p.add_argument("--overwrite", action="store_true", help="delete shards in the output dataset folder that this "
                    "script did not write (e.g. downloaded ones)")
     args = p.parse_args(argv)
@@ -392,6 +448,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--input {args.input} is not a file")
     if args.tokenizer and not os.path.isfile(args.tokenizer):
         p.error(f"--tokenizer {args.tokenizer} is not a file")
+    if args.caseops and not args.tokenizer:
+        p.error("--caseops needs --tokenizer: a CaseOps tokenizer (e.g. "
+                "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model, with U+E001..U+E004 as pieces)")
     return args
 
 
@@ -400,6 +459,7 @@ def build(args: argparse.Namespace) -> dict:
     t0 = time.time()
     if args.tokenizer:
         vocab_size = piece_count(args.tokenizer)
+        check_caseops_tokenizer(args.tokenizer, args.caseops)
         if args.vocab_size is not None and args.vocab_size != vocab_size:
             raise SystemExit(f"tokenizer error: {args.tokenizer} has {vocab_size} pieces, not --vocab-size {args.vocab_size}")
         tok_request = {"reuse_sha256": file_sha256(args.tokenizer)}
@@ -414,8 +474,10 @@ def build(args: argparse.Namespace) -> dict:
     request = {"format": BUILD_FORMAT, "input": {"sha256": file_sha256(args.input), "bytes": os.path.getsize(args.input)},
                "tokenizer": tok_request, "vocab_size": vocab_size, "num_val_docs": args.num_val_docs,
                "chunk_tokens": args.chunk_tokens}
-    dataset_dir = out / "datasets" / dataset_name(vocab_size)
-    model_path = out / "tokenizers" / f"{tokenizer_basename(vocab_size)}.model"
+    if args.caseops:  # only then, so that the stamps of standard builds stay valid
+        request["caseops"] = caseops.TRANSFORM_NAME
+    dataset_dir = out / "datasets" / dataset_name(vocab_size, args.caseops)
+    model_path = out / "tokenizers" / f"{tokenizer_basename(vocab_size, args.caseops)}.model"
     vocab_file = model_path.with_suffix(".vocab")
     stamp = read_stamp(dataset_dir)
 
@@ -438,18 +500,20 @@ def build(args: argparse.Namespace) -> dict:
         vocab_path = str(vocab_file) if vocab_file.is_file() else None
 
     reader = DocReader(args.input)
-    writer = ShardWriter(dataset_dir, args.chunk_tokens, "val" if args.num_val_docs > 0 else "train")
+    writer = ShardWriter(dataset_dir, args.chunk_tokens, "val" if args.num_val_docs > 0 else "train",
+                         val_bytes=args.caseops)
     docs = tokens = 0
     tokens_val = 0
     bar = tqdm(total=reader.size, unit="B", unit_scale=True, desc=f"encode {os.path.basename(args.input)}",
                mininterval=1.0, file=sys.stderr)
-    for lengths, toks in encode_in_order(reader, str(model_path), args.workers):
+    for lengths, toks, counts in encode_in_order(reader, str(model_path), args.workers, args.caseops,
+                                                 args.num_val_docs):
         n_val = min(max(args.num_val_docs - docs, 0), len(lengths))
         split_at = int(lengths[:n_val].sum())
-        writer.add(toks[:split_at])
+        writer.add(toks[:split_at], None if counts is None else counts[:split_at])
         if n_val < len(lengths):
             writer.start_train()
-        writer.add(toks[split_at:])
+        writer.add(toks[split_at:], None if counts is None else counts[split_at:])  # val while n_val == len
         docs += len(lengths)
         tokens += len(toks)
         tokens_val += split_at
@@ -463,15 +527,17 @@ def build(args: argparse.Namespace) -> dict:
         print(f"note: all {docs:,} docs went to validation (--num-val-docs {args.num_val_docs}); no train shards",
               flush=True)
     files_val = sum(s["split"] == "val" for s in writer.shards)
+    files_train = sum(s["split"] == "train" for s in writer.shards)
     stats = {"docs_total": docs, "docs_val": docs_val, "docs_train": docs - docs_val,
-             "files_total": len(writer.shards), "files_val": files_val, "files_train": len(writer.shards) - files_val,
+             "files_total": files_val + files_train, "files_val": files_val, "files_train": files_train,
              "tokens_total": tokens, "tokens_val": tokens_val, "tokens_train": tokens - tokens_val}
     stamp = {"request": request, "input_path": os.path.abspath(args.input), "tokenizer_sha256": file_sha256(model_path),
              "stats": stats, "shards": writer.shards}
     train_gpt.atomic_write_bytes(dataset_dir / STAMP_NAME, (json.dumps(stamp, indent=2) + "\n").encode())
     write_manifest(out, manifest_entries(stamp, out, dataset_dir, model_path, vocab_path))
-    print(f"wrote {len(writer.shards)} shards ({files_val} val, {stats['files_train']} train), {tokens:,} tokens from "
-          f"{docs:,} docs to {dataset_dir} in {time.time() - t0:.1f}s", flush=True)
+    sidecars = f" + {files_val} val byte sidecar(s)" if args.caseops and files_val else ""
+    print(f"wrote {files_val + files_train} shards ({files_val} val, {files_train} train){sidecars}, {tokens:,} tokens "
+          f"from {docs:,} docs to {dataset_dir} in {time.time() - t0:.1f}s", flush=True)
     return stamp
 
 
