@@ -57,7 +57,6 @@ class Hyperparameters:
     smoke: int = 0
     dry_run: int = 0
     compile: int = 1
-    fused_mlp: int = 1  # training MLPs through the fused Triton kernels where Triton and CUDA are there
     # schedule and batch
     iterations: int = 20000
     max_wallclock_seconds: float = 600.0
@@ -724,206 +723,13 @@ class Attention(nn.Module):
         return self.proj(y.reshape(B, T, -1))
 
 
-# -----------------------------------------------------------------------------------------------------
-# Fused MLP (Triton, training only; ANCHORS 7.7). The eager MLP writes pre = u·W_upᵀ, reads it back in a memory-bound
-# kernel to write post = LeakyReLU_0.5(pre)², and in the backward writes and re-reads d_post = d_out·W_down the same
-# way (H100 profile: 23.5 + 34.8 ms per 760 ms step). Here the GEMM that makes pre also writes post from its tile, and
-# the GEMM that makes d_post multiplies it at once by d post/d pre = 2·pre (pre > 0) or 0.5·pre (pre <= 0; post is
-# 0.25·pre² there), so d_post is never stored. The other four GEMMs stay cuBLAS.
-# Saved for the backward: pre and post, both. post has to be written anyway (the cuBLAS down projection reads it), and
-# keeping it costs one M×N bf16 tensor of memory per MLP call; saving only pre would cost, per call, an extra pass
-# that reads pre and writes post again for dW_down (2·M·N·2 bytes, ~0.27 ms at M = 98,304, N = 2,048 on an H100).
-# -----------------------------------------------------------------------------------------------------
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # Triton is optional: without it the MLP and the training loss run eager
-    triton = tl = None
-
-TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the tests run the kernels on CPU this way
-FUSED_MLP_BLOCK_K = 64  # every GPU config uses it; the model dim must be a multiple of it
-
-
-def _fused_mlp_round(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
-    """fp32 -> dtype, to nearest even. The interpreter's cast to bf16 truncates instead, so there x is first rounded
-    to a bf16 value through its bits, after which the truncation is exact."""
-    if INTERPRET and dtype == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        x = bits.to(tl.float32, bitcast=True)
-    return x.to(dtype)
-
-
-def fused_mlp_gemm_kernel(a_ptr, b_ptr, pre_ptr, out_ptr, M, N, stride_am, stride_ak, stride_bk, stride_bn,
-                          K: tl.constexpr, BACKWARD: tl.constexpr, INTERPRET: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One BLOCK_M×BLOCK_N tile of C = A[M, K]·B[K, N] (fp32 accumulation), then the epilogue. pre and out are
-    contiguous [M, N].
-    Forward (A = u, B = W_upᵀ): pre = C, out = post = LeakyReLU_0.5(pre)², computed from the rounded pre as the eager
-    path does. Backward (A = d_out, B = W_down, C = d_post): out = d_pre = C · d post/d pre, from the stored pre.
-    K is a constexpr: a loop bound read from a runtime int fails in the interpreter under NumPy >= 2.4."""
-    pid = tl.program_id(0)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    pid_m, pid_n = pid // tiles_n, pid % tiles_n  # neighbouring programs share A's row block: it is read once
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    ks = tl.arange(0, BLOCK_K)
-    row_ok, col_ok = rows < M, cols < N
-    a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_am + ks[None, :] * stride_ak
-    b_ptrs = b_ptr + ks[:, None] * stride_bk + cols[None, :] * stride_bn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for _ in range(0, K, BLOCK_K):
-        a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-        b = tl.load(b_ptrs, mask=col_ok[None, :], other=0.0)
-        if INTERPRET:  # the interpreter multiplies bf16 tiles as their raw uint16 bits; fp32 holds bf16 exactly
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
-    offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
-    mask = row_ok[:, None] & col_ok[None, :]
-    if BACKWARD:
-        pre = tl.load(pre_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        d_pre = acc * tl.where(pre > 0, 2.0 * pre, 0.5 * pre)
-        tl.store(out_ptr + offs, _fused_mlp_round(d_pre, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
-    else:
-        pre = _fused_mlp_round(acc, pre_ptr.dtype.element_ty, INTERPRET)
-        tl.store(pre_ptr + offs, pre, mask=mask)
-        x = pre.to(tl.float32)
-        leaky = tl.where(x > 0, x, 0.5 * x)
-        tl.store(out_ptr + offs, _fused_mlp_round(leaky * leaky, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
-
-
-# (BLOCK_M, BLOCK_N, num_stages, num_warps) for sm90, where tl.dot lowers to wgmma; BLOCK_K = 64. All pipeline the K
-# loop with async copies in <= 144 KB of shared memory; in the backward the wide tiles spill a little (255 registers,
-# 48 B stack: the epilogue holds the pre tile too), so the tuner decides. Autotuned once per (M, N, K, direction), in
-# the compile warm-up: cold, 8 Triton compiles (4-12 s each on a busy 2-core CPU, so ~20-60 s of cold start) plus
-# ~30 ms of timing each; Triton's disk cache then keeps the kernels and, where supported, the choice.
-FUSED_MLP_CONFIGS = ((128, 256, 3, 8), (128, 128, 4, 8), (256, 128, 3, 8), (128, 128, 4, 4))
-FUSED_MLP_INTERPRET_TILE = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)  # small: several tiles and K steps in the tests
-
-if triton is not None:
-    _fused_mlp_round = triton.jit(_fused_mlp_round)
-    fused_mlp_gemm_kernel = triton.jit(fused_mlp_gemm_kernel)
-    if not TRITON_INTERPRET:
-        _tune = dict(configs=[triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=FUSED_MLP_BLOCK_K), num_stages=s,
-                                            num_warps=w) for bm, bn, s, w in FUSED_MLP_CONFIGS],
-                     key=["M", "N", "K", "BACKWARD"])
-        try:
-            _fused_mlp_gemm_tuned = triton.autotune(
-                **_tune, cache_results=True,
-                do_bench=lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles),
-            )(fused_mlp_gemm_kernel)
-        except TypeError:  # Triton < 3.3: no pluggable timer, no on-disk cache of the choice
-            _fused_mlp_gemm_tuned = triton.autotune(**_tune, warmup=5, rep=20)(fused_mlp_gemm_kernel)
-
-
-def _fused_mlp_gemm(a: Tensor, b: Tensor, pre: Tensor, out: Tensor, backward: bool) -> None:
-    M, K = a.shape
-    N = b.shape[1]
-    args = (a, b, pre, out, M, N, a.stride(0), a.stride(1), b.stride(0), b.stride(1))
-    if TRITON_INTERPRET:
-        grid = (triton.cdiv(M, FUSED_MLP_INTERPRET_TILE["BLOCK_M"]) * triton.cdiv(N, FUSED_MLP_INTERPRET_TILE["BLOCK_N"]),)
-        fused_mlp_gemm_kernel[grid](*args, K=K, BACKWARD=backward, INTERPRET=True, **FUSED_MLP_INTERPRET_TILE)
-    else:
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-        _fused_mlp_gemm_tuned[grid](*args, K=K, BACKWARD=backward, INTERPRET=False)
-
-
-# Custom ops, so that torch.compile(fullgraph=True) sees opaque nodes with known shapes. The namespace follows the
-# module name: a second copy of this file in one process (records tooling) registers its own ops.
-_OPS = "pgolf_" + __name__.strip("_").replace(".", "_")
-
-
-@torch.library.custom_op(f"{_OPS}::fused_mlp", mutates_args=())
-def fused_mlp_op(u: Tensor, w_up: Tensor, w_down: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(out, pre, post) for u [M, K], w_up [N, K], w_down [K, N], one dtype; pre and post are outputs only so that
-    the backward can save them."""
-    pre = u.new_empty(u.shape[0], w_up.shape[0])
-    post = torch.empty_like(pre)
-    _fused_mlp_gemm(u, w_up.t(), pre, post, backward=False)
-    return post @ w_down.t(), pre, post
-
-
-@fused_mlp_op.register_fake
-def _fused_mlp_fake(u, w_up, w_down):
-    pre = u.new_empty(u.shape[0], w_up.shape[0])
-    return u.new_empty(u.shape[0], w_down.shape[0]), pre, torch.empty_like(pre)
-
-
-@torch.library.custom_op(f"{_OPS}::mlp_act_grad", mutates_args=())
-def mlp_act_grad_op(d_out: Tensor, w_down: Tensor, pre: Tensor) -> Tensor:
-    """d_pre = (d_out·W_down) * d post/d pre, d_post never stored."""
-    pre = pre.contiguous()
-    d_pre = torch.empty_like(pre)
-    _fused_mlp_gemm(d_out, w_down, pre, d_pre, backward=True)
-    return d_pre
-
-
-@mlp_act_grad_op.register_fake
-def _mlp_act_grad_fake(d_out, w_down, pre):
-    return torch.empty_like(pre, memory_format=torch.contiguous_format)
-
-
-def _fused_mlp_save(ctx, inputs, output):
-    ctx.save_for_backward(*inputs, output[1], output[2])
-
-
-def _fused_mlp_backward(ctx, d_out, _d_pre, _d_post):
-    u, w_up, w_down, pre, post = ctx.saved_tensors
-    d_pre = mlp_act_grad_op(d_out, w_down, pre)
-    return d_pre @ w_up, d_pre.t() @ u, d_out.t() @ post  # du, dW_up, dW_down: cuBLAS
-
-
-fused_mlp_op.register_autograd(_fused_mlp_backward, setup_context=_fused_mlp_save)
-
-
-def matmul_dtype(u: Tensor) -> torch.dtype:
-    """The dtype CastedLinear multiplies u in: autocast's if on, else u's own."""
-    device = u.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else u.dtype
-
-
-def fused_mlp(u: Tensor, w_up: Tensor, w_down: Tensor) -> Tensor:
-    """proj(LeakyReLU_0.5(fc(u))²) through the fused kernels, cast as CastedLinear casts: u and the fp32 master
-    weights go to matmul_dtype(u), and the weight gradients come back in fp32."""
-    dtype = matmul_dtype(u)
-    out, _, _ = fused_mlp_op(u.reshape(-1, u.shape[-1]).to(dtype), w_up.to(dtype), w_down.to(dtype))
-    return out.view(*u.shape[:-1], out.shape[-1])
-
-
-def fused_mlp_supported(weight: Tensor) -> bool:
-    """Triton importable, the weight on CUDA (or on CPU under TRITON_INTERPRET=1), K a multiple of the K tile."""
-    on_device = weight.is_cuda or (TRITON_INTERPRET and weight.device.type == "cpu")
-    return triton is not None and on_device and weight.shape[1] % FUSED_MLP_BLOCK_K == 0
-
-
-def enable_fused_mlp(model: nn.Module, enabled: bool) -> bool:
-    """Switch the MLPs of the training model to the fused path where it can run; returns whether it is on. Only the
-    training model calls this: evaluation, GPTQ calibration and TTT use fresh copies or eval mode, hence eager."""
-    mlps = [m for m in model.modules() if isinstance(m, MLP)]
-    on = bool(enabled) and all(fused_mlp_supported(m.fc.weight) for m in mlps)
-    for m in mlps:
-        m.fused = on
-    return on
-
-
 class MLP(nn.Module):
-    fused = False  # set by enable_fused_mlp
-
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.fc = CastedLinear(dim, hidden)
         self.proj = CastedLinear(hidden, dim)
 
     def forward(self, u: Tensor) -> Tensor:
-        # Fused only while training with grad, in bf16 (the kernels' dtype; training autocasts to it): eval and GPTQ
-        # calibration (eval mode, no_grad; its hooks read the inputs of fc and proj, which the fused path never
-        # calls) run eager. `training` is tested first so that eval graphs do not depend on `fused`.
-        if self.training and self.fused and torch.is_grad_enabled() and matmul_dtype(u) == torch.bfloat16:
-            return fused_mlp(u, self.fc.weight, self.proj.weight)
         return self.proj(F.leaky_relu(self.fc(u), 0.5).square())
 
 
@@ -969,7 +775,14 @@ def layer_schedule(num_layers: int, loop_start: int, loop_end: int, num_loops: i
 # neither the softcapped logits nor an fp32 copy of z ([N, V], 3 GB per micro-batch at V = 8192) is materialized.
 # -----------------------------------------------------------------------------------------------------
 
+try:  # optional: where Triton is missing (CPU machines, CI) the training loss takes the eager path
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
 FUSED_CE_BLOCK, FUSED_CE_WARPS = 1024, 4  # vocabulary columns per step of a row's loop; warps per row (#1787)
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # Triton's CPU interpreter: tests run the kernels
 
 
 def fused_ce_supported(device: torch.device) -> bool:
@@ -1017,8 +830,9 @@ if triton is not None:
         kernel[(z.size(0),)](z, *args, z.stride(0), V, BLOCK=min(FUSED_CE_BLOCK, triton.next_power_of_2(V)),
                              num_warps=FUSED_CE_WARPS)
 
-    # Custom ops (opaque to torch.compile, which traces them through the fake implementations), named as the MLP's.
-    @torch.library.custom_op(f"{_OPS}::softcap_ce", mutates_args=())
+    # Custom ops (opaque to torch.compile, which traces them through the fake implementations). Loading the script
+    # twice in one process re-registers them; torch.library replaces the earlier definition.
+    @torch.library.custom_op("pgolf::softcap_ce", mutates_args=())
     def _softcap_ce_op(z: Tensor, targets: Tensor, cap: float) -> tuple[Tensor, Tensor]:
         """Per-row (loss, logsumexp) in fp32. z: [N, V] pre-softcap logits (bf16 or fp32); targets: [N] in [0, V)."""
         z, targets = z.contiguous(), targets.contiguous()
@@ -1032,7 +846,7 @@ if triton is not None:
     def _softcap_ce_fake(z, targets, cap):
         return z.new_empty(z.size(0), dtype=torch.float32), z.new_empty(z.size(0), dtype=torch.float32)
 
-    @torch.library.custom_op(f"{_OPS}::softcap_ce_backward", mutates_args=())
+    @torch.library.custom_op("pgolf::softcap_ce_backward", mutates_args=())
     def _softcap_ce_backward_op(z: Tensor, targets: Tensor, lse: Tensor, grad: Tensor, cap: float) -> Tensor:
         """dz (dtype of z) for per-row loss gradients `grad`."""
         z = z.contiguous()
@@ -1054,14 +868,14 @@ if triton is not None:
 
     def _softcap_ce_grad(ctx, grad_loss, grad_lse):
         z, targets, lse = ctx.saved_tensors
-        return _softcap_ce_backward_op(z, targets, lse, grad_loss, ctx.cap), None, None
+        return torch.ops.pgolf.softcap_ce_backward(z, targets, lse, grad_loss, ctx.cap), None, None
 
     _softcap_ce_op.register_autograd(_softcap_ce_grad, setup_context=_softcap_ce_setup_context)
 
 
 def softcap_cross_entropy(z: Tensor, targets: Tensor, cap: float) -> Tensor:
     """Per-row CE of softmax(cap·tanh(z/cap)) by the fused kernels (needs fused_ce_supported(z.device))."""
-    return _softcap_ce_op(z, targets, cap)[0]
+    return torch.ops.pgolf.softcap_ce(z, targets, cap)[0]
 
 
 class GPT(nn.Module):
@@ -1333,8 +1147,6 @@ class Trainer:
         self.hp, self.ctx, self.model, self.train_files = hp, ctx, model, train_files
         self.grad_accum = 8 // ctx.world_size
         self.micro_seqs = hp.train_batch_tokens // (ctx.world_size * self.grad_accum * hp.train_seq_len)
-        self.fused_mlp = enable_fused_mlp(model, hp.fused_mlp)
-        ctx.log(f"fused_mlp:{int(self.fused_mlp)}")
         compiled = torch.compile(model, fullgraph=True, dynamic=False) if hp.compile else model
         if ctx.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
