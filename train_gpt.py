@@ -1734,6 +1734,8 @@ def build_artifact(state_dict: dict[str, Tensor], hessians: dict[str, Tensor], h
 #   TTT     (6.1): the sliding windows, grouped into chunks; each chunk is scored, then trained on.
 # Sharing the scorer makes "sliding at stride T == plain" and "TTT at lr 0 == sliding" true by construction; the
 # tests check both, plus exact coverage, causality under TTT, and 1-rank == 2-rank results.
+# TTT_MODE=lora_phased (6.2) scores per document instead, with its own windows and per-document adapters: see
+# "phased LoRA TTT" below. It shares the sums, the byte counting and the coverage check.
 # `ctx` is the RunContext of section 5: rank, world_size, device, log (rank 0 only), sync, autocast, and the running
 # total counted_eval_seconds.
 
@@ -2245,6 +2247,14 @@ def _lora_chunk_losses(model: GPT, lora: BatchedLoRA, x: Tensor, sel: Tensor, y_
     return F.cross_entropy(model.logits(h, adapters).flatten(0, 1), y_sel.flatten(), reduction="none").view_as(y_sel)
 
 
+def _lora_sdpa_context():
+    """cuDNN attention builds a plan for every new shape (tens of ms each), and the adapter steps run thousands of
+    (rows, length) shapes: they use PyTorch's flash kernel instead. FA3 and the CPU path are unchanged."""
+    if ATTENTION_BACKEND == "sdpa_cudnn":
+        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])
+    return sdpa_context()
+
+
 def _lora_optimizer(lora: BatchedLoRA, hp: Hyperparameters, ctx: RunContext) -> torch.optim.Optimizer:
     return torch.optim.AdamW(lora.parameters(), lr=hp.ttt_lora_lr, betas=LORA_BETAS, eps=LORA_EPS,
                              weight_decay=hp.ttt_weight_decay, fused=ctx.device.type == "cuda")
@@ -2271,7 +2281,7 @@ def _lora_step(model, lora, optimizer, tokens, slot_start, slot_preds, ci: int, 
     sel = (width[:, None] - C + torch.arange(C, device=device)).clamp(min=0)
     scored = torch.arange(C, device=device) >= (C - count)[:, None]
     x_sel, y_sel = x.gather(1, sel), y.gather(1, sel)
-    with ctx.autocast(), sdpa_context():
+    with ctx.autocast(), _lora_sdpa_context():
         ce = _compiled(_lora_chunk_losses, hp, dynamic=True)(model, lora, x, sel, y_sel)
     sums.add(ce.detach(), scored, target.gather(1, sel), count_target_bytes(x_sel, y_sel, tables))  # score first
     if trains:
@@ -2316,9 +2326,9 @@ def _global_sgd(model: GPT, tokens: Tensor, plan: LoRAPlan, docs: np.ndarray, hp
     for p in params:
         p.grad = torch.zeros_like(p)
     optimizer = torch.optim.SGD(params, lr=hp.global_ttt_lr, momentum=hp.ttt_momentum)
-    for c in range(n_chunks):
+    for c in range(n_chunks):  # cosine over all chunks, the untrained last one included, as in the record
         for group in optimizer.param_groups:
-            group["lr"] = hp.global_ttt_lr * 0.5 * (1.0 + math.cos(math.pi * c / max(n_chunks - 1, 1)))
+            group["lr"] = hp.global_ttt_lr * 0.5 * (1.0 + math.cos(math.pi * c / n_chunks))
         optimizer.zero_grad(set_to_none=False)
         _ttt_accumulate_grads(model, stream, TTTChunk(c, 0, 0, c * per_chunk * T, per_chunk), hp, ctx)
         _reduce_and_clip_grads(params, hp.ttt_grad_clip, ctx)
@@ -2402,8 +2412,9 @@ def _mean_seconds(fn, ctx: RunContext, repeats: int = 2) -> float:
 
 def eval_warmup(model: nn.Module, hp: Hyperparameters, ctx: RunContext) -> EvalTimings:
     """Compile every shape the evaluations use, then time steady-state steps for log_eval_projection. Random tokens
-    only, never validation tokens; no optimizer step, so the weights are untouched. Not on the eval clock. Set the
-    model's mode (looping) first: the graphs are specialized to it."""
+    only, never validation tokens; no optimizer step on the model (lora_phased steps a throwaway adapter set), so
+    the weights are untouched. Not on the eval clock. Set the model's mode (looping) first: the graphs are
+    specialized to it."""
     t0 = time.perf_counter()
     device, T, stride, B = ctx.device, hp.eval_seq_len, hp.eval_stride, SLIDING_BATCH_WINDOWS
     rows = _plain_batch_rows(hp)
