@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch._dynamo.utils import counters as dynamo_counters
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 PROCESS_START = time.time()  # launch -> first timed step is reported (cold-start cost)
@@ -2291,6 +2292,15 @@ def _lora_step(model, lora, optimizer, tokens, slot_start, slot_preds, ci: int, 
         optimizer.zero_grad(set_to_none=True)
 
 
+def _lora_batch(model, lora, tokens, slot_start, slot_preds, preds: np.ndarray, tables, sums: _ScoreSums,
+                hp: Hyperparameters, ctx: RunContext) -> None:
+    """One batch (its documents' predictions `preds`, ascending), chunk by chunk, with fresh optimizer state."""
+    optimizer = _lora_optimizer(lora, hp, ctx)
+    for ci, (rows, length, trains) in enumerate(zip(*lora_chunk_steps(preds, hp))):
+        _lora_step(model, lora, optimizer, tokens, slot_start, slot_preds, ci, int(rows), int(length), bool(trains),
+                   tables, sums, hp, ctx)
+
+
 def _lora_seed(hp: Hyperparameters, *key: int) -> int:
     return int(np.random.SeedSequence([hp.seed, *key]).generate_state(1)[0])
 
@@ -2359,6 +2369,7 @@ def eval_val_lora_ttt(model: GPT, val_tokens: Tensor, tables, hp: Hyperparameter
                       return_losses: bool = False) -> EvalResult:
     """Phased, document-independent LoRA TTT (ANCHORS 6.2) following lora_ttt_plan. The base weights are frozen
     except in the global phases. Trains `model` in place: pass a copy that is not needed afterwards."""
+    graphs = dynamo_counters["stats"]["unique_graphs"]  # to report a compile on the clock
     t0 = _start_clock(model, hp, ctx)
     tokens, tables = _on_device(val_tokens, tables, ctx)
     n = tokens.numel() - 1
@@ -2372,7 +2383,8 @@ def eval_val_lora_ttt(model: GPT, val_tokens: Tensor, tables, hp: Hyperparameter
     phases, verbose = len(plan.boundaries), bool(label) and ctx.is_main
     prefix = plan.boundaries[-1] if phases else 0
     if label:
-        ctx.log(f"ttt_phased: total_docs:{len(plan.starts)} prefix_docs:{prefix} suffix_docs:{len(plan.starts) - prefix} "
+        docs = len(plan.starts)
+        ctx.log(f"ttt_phased: total_docs:{docs} prefix_docs:{prefix} suffix_docs:{docs - prefix} "
                 f"num_phases:{phases} boundaries:{plan.boundaries} batches:{len(plan.batches)} lanes:{TTT_LANES} "
                 f"lora_rank:{hp.ttt_lora_rank} chunk:{hp.ttt_chunk_size} lora_lr:{hp.ttt_lora_lr} "
                 f"global_lr:{hp.global_ttt_lr}")
@@ -2380,12 +2392,9 @@ def eval_val_lora_ttt(model: GPT, val_tokens: Tensor, tables, hp: Hyperparameter
         for lane in range(ctx.rank, TTT_LANES, ctx.world_size):
             for i, batch in enumerate(segment.lanes[lane]):
                 lora.reset(_lora_seed(hp, k, batch.index) if i == 0 or not hp.ttt_warm_start_a else None)
-                optimizer = _lora_optimizer(lora, hp, ctx)
-                preds = plan.preds[batch.docs]
                 before = _sums_now(sums) if verbose else None
-                for ci, (rows, length, trains) in enumerate(zip(*lora_chunk_steps(preds, hp))):
-                    _lora_step(model, lora, optimizer, tokens, slot_start[batch.index], slot_preds[batch.index], ci,
-                               int(rows), int(length), bool(trains), tables, sums, hp, ctx)
+                _lora_batch(model, lora, tokens, slot_start[batch.index], slot_preds[batch.index],
+                            plan.preds[batch.docs], tables, sums, hp, ctx)
                 if verbose:  # this rank's batches only; one device sync per batch
                     _log_lora_batch(batch, plan, before, _sums_now(sums), k > 0, time.perf_counter() - t0, ctx)
         if len(segment.global_docs):
@@ -2398,6 +2407,10 @@ def eval_val_lora_ttt(model: GPT, val_tokens: Tensor, tables, hp: Hyperparameter
                 ctx.log(f"ttpr: phase:{k + 1}/{phases} t:{time.perf_counter() - t0:.1f}s")
     for p, flag in zip(model.parameters(), trainable):
         p.requires_grad_(flag)
+    compiled = dynamo_counters["stats"]["unique_graphs"] - graphs
+    if label and compiled:
+        ctx.log(f"WARNING ttt_phased: {compiled} graph(s) compiled on the eval clock; eval_warmup should have "
+                "compiled them all (a shape specialization: please report)")
     return _finish(sums, tokens, tables, label, counted, t0, ctx)
 
 
