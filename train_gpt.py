@@ -1,4 +1,4 @@
-"""Parameter Golf training script: SP8192 GPT, depth recurrence, Muon, GPTQ artifact, score-first TTT.
+"""Parameter Golf training script: SP8192 GPT, depth recurrence, Muon, GPTQ artifact, score-first or phased LoRA TTT.
 
 Reads top to bottom as the pipeline:
 configuration -> data -> model -> optimizer -> training loop -> quantization and artifact -> evaluation -> main.
@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch._dynamo.utils import counters as dynamo_counters
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 PROCESS_START = time.time()  # launch -> first timed step is reported (cold-start cost)
@@ -124,11 +125,24 @@ class Hyperparameters:
     sliding_window_enabled: int = 1
     eval_budget_seconds: float = 600.0
     ttt_enabled: int = 1
+    ttt_mode: str = "score_first"  # score_first (ANCHORS 6.1) or lora_phased (6.2)
     ttt_lr: float = 0.005
     ttt_epochs: int = 3
     ttt_momentum: float = 0.9
     ttt_chunk_tokens: int = 32768
     ttt_grad_clip: float = 1.0
+    # lora_phased: per-document LoRA, scored chunk by chunk, with global SGD phases (its SGD reuses TTT_MOMENTUM,
+    # TTT_GRAD_CLIP and TTT_CHUNK_TOKENS)
+    ttt_batch_size: int = 64  # documents per batch, each with its own adapters
+    ttt_chunk_size: int = 48  # predictions a document scores before each adapter step
+    ttt_lora_rank: int = 96
+    ttt_lora_alpha: float = 144.0  # adapter output scale alpha/rank
+    ttt_lora_lr: float = 1e-4  # AdamW, betas (0, 0.999), eps 1e-10
+    ttt_weight_decay: float = 1.0
+    ttt_warm_start_a: int = 1  # 1: A carries over between a lane's batches (B restarts at 0); 0: A drawn per batch
+    phased_ttt_prefix_docs: int = 2000  # the global phases train on up to this many already scored documents
+    phased_ttt_num_phases: int = 3  # global phases, after PREFIX_DOCS*k/NUM_PHASES scored documents (k = 1..)
+    global_ttt_lr: float = 0.001  # SGD lr of the base weights in a phase (cosine over its chunks)
 
 
 # SMOKE=1: a tiny model on data the script makes itself, end to end on a laptop CPU in well under a minute.
@@ -139,6 +153,8 @@ SMOKE_DEFAULTS = dict(
     train_log_every=10, val_loss_every=0, gptq_calibration_batches=2, gptq_reserve_seconds=0.0,
     eval_stride=32, ttt_chunk_tokens=1024, ttt_epochs=1, compile=0, muon_momentum_warmup_steps=20,
     matrix_lr=0.03, tied_embed_lr=0.05, scalar_lr=0.03, embed_bits=8,
+    ttt_batch_size=8, ttt_chunk_size=16, ttt_lora_rank=8, ttt_lora_alpha=12.0, phased_ttt_prefix_docs=48,
+    phased_ttt_num_phases=2,
 )
 
 
@@ -187,6 +203,12 @@ def validate_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
         errors.append("MATRIX_BITS and EMBED_BITS must be between 2 and 8")
     if hp.eval_stride <= 0 or hp.eval_stride > hp.eval_seq_len:
         errors.append(f"EVAL_STRIDE={hp.eval_stride} must be in 1..EVAL_SEQ_LEN={hp.eval_seq_len}")
+    if hp.ttt_mode not in ("score_first", "lora_phased"):
+        errors.append(f"TTT_MODE={hp.ttt_mode!r}: use score_first or lora_phased")
+    if hp.ttt_batch_size < 2 or hp.ttt_lora_rank < 1 or not 1 <= hp.ttt_chunk_size <= hp.eval_seq_len:
+        errors.append("need TTT_BATCH_SIZE >= 2, TTT_LORA_RANK >= 1 and 1 <= TTT_CHUNK_SIZE <= EVAL_SEQ_LEN")
+    if hp.phased_ttt_num_phases < 0 or hp.phased_ttt_prefix_docs < 0:
+        errors.append("PHASED_TTT_NUM_PHASES and PHASED_TTT_PREFIX_DOCS must be >= 0")
     if hp.eval_only and not hp.artifact_path:
         errors.append("EVAL_ONLY=1 needs ARTIFACT_PATH=<path of a .ptz artifact>")
     if errors:
@@ -706,11 +728,14 @@ class Attention(nn.Module):
         self.rotary = Rotary(rope_dims, rope_base, max_len)
         self.xsa = xsa
 
-    def forward(self, u: Tensor) -> Tensor:
+    def forward(self, u: Tensor, lora=None) -> Tensor:
         B, T, _ = u.shape
-        q = self.c_q(u).view(B, T, self.num_heads, self.head_dim)
-        k = self.c_k(u).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.c_v(u).view(B, T, self.num_kv_heads, self.head_dim)
+        q, k, v = self.c_q(u), self.c_k(u), self.c_v(u)
+        if lora is not None:  # test-time LoRA (section 7): per-sequence low-rank corrections, all read from u
+            q, k, v = q + lora("q", u), k + lora("k", u), v + lora("v", u)
+        q = q.view(B, T, self.num_heads, self.head_dim)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)
         q, k = self.rotary(rms_norm(q)), self.rotary(rms_norm(k))  # QK-norm, then partial RoPE
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
         y = causal_attention(q, k, v)
@@ -720,7 +745,8 @@ class Attention(nn.Module):
             y = y.view(B, T, self.num_kv_heads, group, self.head_dim)
             vn = F.normalize(v, dim=-1).unsqueeze(3)
             y = (y - (y * vn).sum(-1, keepdim=True) * vn).view(B, T, self.num_heads, self.head_dim)
-        return self.proj(y.reshape(B, T, -1))
+        out = self.proj(y.reshape(B, T, -1))
+        return out if lora is None else out + lora("o", u)
 
 
 class MLP(nn.Module):
@@ -729,8 +755,9 @@ class MLP(nn.Module):
         self.fc = CastedLinear(dim, hidden)
         self.proj = CastedLinear(hidden, dim)
 
-    def forward(self, u: Tensor) -> Tensor:
-        return self.proj(F.leaky_relu(self.fc(u), 0.5).square())
+    def forward(self, u: Tensor, lora=None) -> Tensor:
+        out = self.proj(F.leaky_relu(self.fc(u), 0.5).square())
+        return out if lora is None else out + lora("mlp", u)
 
 
 class Block(nn.Module):
@@ -747,14 +774,14 @@ class Block(nn.Module):
         self.ln_scale = 1.0 / math.sqrt(layer + 1)
         self.parallel = 0 <= hp.parallel_residual_start <= layer
 
-    def forward(self, x: Tensor, x0: Tensor) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, lora=None) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         if self.parallel:  # GPT-J style: attention and MLP read the same normalized input
             u = rms_norm(x) * self.ln_scale
-            return x + self.attn_scale.to(x.dtype) * self.attn(u) + self.mlp_scale.to(x.dtype) * self.mlp(u)
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.ln_scale)
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.ln_scale)
+            return x + self.attn_scale.to(x.dtype) * self.attn(u, lora) + self.mlp_scale.to(x.dtype) * self.mlp(u, lora)
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.ln_scale, lora)
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.ln_scale, lora)
 
 
 def layer_schedule(num_layers: int, loop_start: int, loop_end: int, num_loops: int, looping: bool):
@@ -907,31 +934,35 @@ class GPT(nn.Module):
                 else:
                     nn.init.normal_(m.weight, std=m.weight.size(1) ** -0.5)
 
-    def hidden(self, ids: Tensor) -> Tensor:
+    # `lora` (test-time training, section 7; None everywhere else): lora.layer(k) is the adapter of virtual layer k
+    # (each pass of a looped layer has its own), called as adapter(name, u) -> additive delta; lora.head(h) -> logits.
+    def hidden(self, ids: Tensor, lora=None) -> Tensor:
         x = x0 = rms_norm(self.tok_emb(ids))
         encoder, decoder = self.schedules[self.looping]
         skips = []
-        for i in encoder:
-            x = self.blocks[i](x, x0)
+        for k, i in enumerate(encoder):
+            x = self.blocks[i](x, x0, None if lora is None else lora.layer(k))
             skips.append(x)
         for k, i in enumerate(decoder):
             if k < self.skip_weights.size(0) and skips:
                 g = torch.sigmoid(self.skip_gates[k]).to(x.dtype)
                 x = g * x + (1 - g) * (self.skip_weights[k].to(x.dtype) * skips.pop())
-            x = self.blocks[i](x, x0)
+            x = self.blocks[i](x, x0, None if lora is None else lora.layer(len(encoder) + k))
         return self.final_norm(x)
 
-    def pre_softcap_logits(self, ids: Tensor) -> Tensor:
-        h = self.hidden(ids)
-        return F.linear(h, self.tok_emb.weight.to(h.dtype))  # tied head; bf16 under autocast
+    def pre_softcap_logits(self, h: Tensor, lora=None) -> Tensor:
+        z = F.linear(h, self.tok_emb.weight.to(h.dtype))  # tied head; bf16 under autocast
+        return z if lora is None else z + lora.head(h)
+
+    def logits(self, h: Tensor, lora=None) -> Tensor:
+        return self.softcap * torch.tanh(self.pre_softcap_logits(h, lora).float() / self.softcap)
 
     def forward_logits(self, ids: Tensor) -> Tensor:
-        z = self.pre_softcap_logits(ids)
-        return self.softcap * torch.tanh(z.float() / self.softcap)
+        return self.logits(self.hidden(ids))
 
     def forward(self, ids: Tensor, targets: Tensor) -> Tensor:
         """Mean training CE. The fused kernels take z as produced (bf16 under autocast), never an fp32 copy."""
-        z = self.pre_softcap_logits(ids)
+        z = self.pre_softcap_logits(self.hidden(ids))
         if self.fused_ce and fused_ce_supported(z.device):
             return softcap_cross_entropy(z.flatten(0, -2), targets.flatten(), self.softcap).mean()
         logits = self.softcap * torch.tanh(z.float() / self.softcap)
@@ -1922,6 +1953,8 @@ def build_artifact(state_dict: dict[str, Tensor], hessians: dict[str, Tensor], h
 #   TTT     (6.1): the sliding windows, grouped into chunks; each chunk is scored, then trained on.
 # Sharing the scorer makes "sliding at stride T == plain" and "TTT at lr 0 == sliding" true by construction; the
 # tests check both, plus exact coverage, causality under TTT, and 1-rank == 2-rank results.
+# TTT_MODE=lora_phased (6.2) scores per document instead, with its own windows and per-document adapters: see
+# "phased LoRA TTT" below. It shares the sums, the byte counting and the coverage check.
 # `ctx` is the RunContext of section 5: rank, world_size, device, log (rank 0 only), sync, autocast, and the running
 # total counted_eval_seconds.
 
@@ -1957,6 +1990,8 @@ class EvalTimings:
     plain_batch: float
     sliding_batch: float
     ttt_step: float  # one TTT epoch on a typical chunk, without the optimizer step (~1 ms); 0 if TTT is off
+    lora_step_short: float = 0.0  # lora_phased: one adapter step of a full batch at window TTT_CHUNK_SIZE ...
+    lora_step_long: float = 0.0  # ... and at window EVAL_SEQ_LEN (forward, backward, AdamW); 0 in other modes
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -2039,14 +2074,15 @@ def _train_loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
 _COMPILED: dict = {}
 
 
-def _compiled(fn, hp: Hyperparameters):
+def _compiled(fn, hp: Hyperparameters, dynamic: bool = False):
     """One compiled wrapper per function for the process. The model is an argument, not a closure, so every copy of
-    the architecture (quantized model, TTT copy) runs the graphs compiled in eval_warmup."""
+    the architecture (quantized model, TTT copy) runs the graphs compiled in eval_warmup. dynamic=True: one graph
+    for all sizes of the inputs' dimensions (parameters keep static shapes)."""
     if not hp.compile:
         return fn
-    key = (fn, EVAL_COMPILE_BACKEND)
+    key = (fn, EVAL_COMPILE_BACKEND, dynamic)
     if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(fn, dynamic=False, fullgraph=True, backend=EVAL_COMPILE_BACKEND)
+        _COMPILED[key] = torch.compile(fn, dynamic=dynamic, fullgraph=True, backend=EVAL_COMPILE_BACKEND)
     return _COMPILED[key]
 
 
@@ -2277,6 +2313,327 @@ def eval_val_ttt(model: nn.Module, val_tokens: Tensor, tables, hp: Hyperparamete
     return _finish(sums, tokens, tables, label, counted, t0, ctx)
 
 
+# --- phased LoRA TTT (ANCHORS 6.2) ------------------------------------------------------------------------------------
+# Every document is scored on its own: its windows never reach outside it, and it has its own adapters, trained only
+# on its own chunks after they were scored. Information passes between documents only from documents whose scoring
+# has finished: the global phases train the base weights on them, and with TTT_WARM_START_A=1 a lane hands its
+# adapters' A matrices (trained on the batch it just finished) to its next batch.
+# The work is planned up front, with no communication: batches are dealt to TTT_LANES lanes (what each GPU of an
+# 8-GPU run does, balanced by estimated cost), and lane l runs on rank l % world_size. So every world size computes
+# what 8 GPUs compute, and every rank knows when a phase starts.
+
+BOS_ID = 1  # <s> of the challenge tokenizers: every validation document starts with it
+TTT_LANES = 8  # the largest world size (validate_hyperparameters: WORLD_SIZE divides 8)
+LORA_TARGETS = ("q", "k", "v", "o", "mlp")  # adapted per virtual layer; plus one adapter on the logits
+LORA_BETAS, LORA_EPS = (0.0, 0.999), 1e-10
+FULL_VAL_TARGETS, FULL_SCALE_GPUS = 40_540_160, 8  # sp8192 validation set on a record machine (ANCHORS 2.4)
+
+
+def document_starts(tokens: np.ndarray) -> np.ndarray:
+    """First token of every document: each BOS, and position 0 whatever it holds, so that the documents tile all
+    targets. A BOS as the stream's final token starts nothing: it is the previous document's last target."""
+    bos = np.flatnonzero(tokens[:-1] == BOS_ID)
+    return np.union1d([0], bos).astype(np.int64)
+
+
+@dataclasses.dataclass
+class LoRABatch:
+    index: int  # position in ascending-length order; the global phases prefer low indices (short documents)
+    docs: np.ndarray  # document ids, ascending length
+
+
+@dataclasses.dataclass
+class LoRASegment:
+    """Batches scored between two phases, per lane in processing order; then SGD on global_docs (if any)."""
+    lanes: list[list[LoRABatch]]
+    scored_docs: int  # documents scored once this and all earlier segments are done
+    global_docs: np.ndarray
+
+
+@dataclasses.dataclass
+class LoRAPlan:
+    starts: np.ndarray  # document i predicts targets [starts[i], starts[i] + preds[i]), i.e. tokens up to and
+    preds: np.ndarray  # including the next document's BOS
+    batches: list[LoRABatch]
+    segments: list[LoRASegment]
+    boundaries: list[int]  # scored-document counts that start a phase
+
+
+def lora_chunk_steps(preds: np.ndarray, hp: Hyperparameters) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each chunk index of a batch (preds ascending): rows of the forward (the documents still running, at least
+    2: one row would compile a second graph), its padded window length (at least 2, likewise), and whether an adapter
+    step follows (some document has a later chunk)."""
+    C, T, longest = hp.ttt_chunk_size, hp.eval_seq_len, int(preds[-1])
+    chunk_end = (np.arange(_ceil_div(longest, C)) + 1) * C
+    running = len(preds) - np.searchsorted(preds, chunk_end - C, side="right")
+    length = np.minimum(np.minimum(chunk_end, longest), T)
+    return np.maximum(running, 2), np.maximum(length, 2), chunk_end < longest
+
+
+def _lora_batch_cost(preds: np.ndarray, hp: Hyperparameters, step: float, per_token: float) -> float:
+    rows, length, _ = lora_chunk_steps(preds, hp)
+    return float(len(rows) * step + per_token * (rows * length).sum())
+
+
+def lora_ttt_plan(starts: np.ndarray, n_targets: int, hp: Hyperparameters) -> LoRAPlan:
+    """Sort documents by length, cut into TTT_BATCH_SIZE batches, process longest first. A phase starts once the
+    documents scored reach a boundary (PREFIX_DOCS*k/NUM_PHASES; those not below the document count are dropped, and
+    so is a phase with nothing left to score); it trains on the `boundary` scored documents that come first in
+    ascending-length order. Within a segment, each batch goes to the lane with the least estimated work."""
+    preds = np.diff(np.append(starts, n_targets))
+    assert starts[0] == 0 and (preds > 0).all() and preds.sum() == n_targets  # documents tile the targets
+    order = np.argsort(preds, kind="stable")
+    N, C, phases = hp.ttt_batch_size, hp.ttt_chunk_size, hp.phased_ttt_num_phases
+    batches = [LoRABatch(j, order[j * N:(j + 1) * N]) for j in range(_ceil_div(len(order), N))]
+    bounds = sorted({hp.phased_ttt_prefix_docs * k // phases for k in range(1, phases + 1)}) if phases else []
+    bounds = [b for b in bounds if 0 < b < len(starts)]
+    todo = batches[::-1]
+    segments, scored, used = [], [], []
+    for boundary in bounds + [None]:
+        segment = []
+        while todo and (boundary is None or len(scored) < boundary):
+            segment.append(todo.pop(0))
+            scored.extend(range(segment[-1].index * N, segment[-1].index * N + len(segment[-1].docs)))
+        if boundary is not None and not todo:
+            boundary = None  # everything is scored: a phase would help nothing
+        global_docs = order[np.sort(scored)[:boundary]] if boundary is not None else np.zeros(0, np.int64)
+        lanes, load = [[] for _ in range(TTT_LANES)], [0.0] * TTT_LANES
+        for batch in segment:
+            lane = min(range(TTT_LANES), key=lambda i: (load[i], i))
+            lanes[lane].append(batch)
+            load[lane] += _lora_batch_cost(preds[batch.docs], hp, step=N * C, per_token=1.0)
+        segments.append(LoRASegment(lanes, len(scored), global_docs))
+        if boundary is not None:
+            used.append(boundary)
+        if not todo:
+            break
+    return LoRAPlan(starts, preds, batches, segments, used)
+
+
+class BatchedLoRA(nn.Module):
+    """fp32 adapters for TTT_BATCH_SIZE document slots: per virtual layer one for each of q, k, v, o, mlp, plus
+    one for the logits. delta(u) = (u Aᵀ) Bᵀ · alpha/rank with A ~ U(±1/√in) and B = 0, so a reset adapter changes
+    nothing. A forward of n rows uses the last n slots (a batch's documents sit at the end, longest last, and the
+    documents still running are always a suffix)."""
+
+    def __init__(self, model: GPT, hp: Hyperparameters, device):
+        super().__init__()
+        dim, r, N = hp.model_dim, hp.ttt_lora_rank, hp.ttt_batch_size
+        layers = sum(len(part) for part in model.schedules[model.looping])
+        kv = hp.num_kv_heads * (dim // hp.num_heads)
+        outs = dict(zip(LORA_TARGETS, (dim, kv, kv, dim, dim)))
+        self.A = nn.ParameterDict({t: nn.Parameter(torch.empty(layers, N, r, dim, device=device)) for t in outs})
+        self.B = nn.ParameterDict({t: nn.Parameter(torch.zeros(layers, N, outs[t], r, device=device)) for t in outs})
+        self.head_A = nn.Parameter(torch.empty(N, r, dim, device=device))
+        self.head_B = nn.Parameter(torch.zeros(N, hp.vocab_size, r, device=device))
+        self.scale, self.bound = hp.ttt_lora_alpha / r, dim ** -0.5
+
+    @torch.no_grad()
+    def reset(self, seed: int | None) -> None:
+        """B to zero; A drawn from `seed`, or kept (seed None)."""
+        for B in [*self.B.values(), self.head_B]:
+            B.zero_()
+        if seed is not None:
+            generator = torch.Generator(device=self.head_A.device).manual_seed(seed)
+            for A in [*self.A.values(), self.head_A]:
+                A.uniform_(-self.bound, self.bound, generator=generator)
+
+    def rows(self, n: int) -> "_LoRARows":
+        return _LoRARows(self, n)
+
+
+class _LoRARows:
+    """The last n slots of a BatchedLoRA, in the interface GPT.hidden and GPT.logits take."""
+
+    def __init__(self, lora: BatchedLoRA, n: int):
+        self.lora, self.n = lora, n
+
+    def delta(self, A: Tensor, B: Tensor, u: Tensor) -> Tensor:
+        A, B = A[-self.n:], B[-self.n:]
+        return torch.bmm(torch.bmm(u, A.transpose(1, 2)), B.transpose(1, 2)) * self.lora.scale
+
+    def layer(self, k: int):
+        return lambda name, u: self.delta(self.lora.A[name][k], self.lora.B[name][k], u)
+
+    def head(self, h: Tensor) -> Tensor:
+        return self.delta(self.lora.head_A, self.lora.head_B, h)
+
+
+def _lora_chunk_losses(model: GPT, lora: BatchedLoRA, x: Tensor, sel: Tensor, y_sel: Tensor) -> Tensor:
+    """fp32 CE at the window positions sel [rows, C] (a row's chunk is the end of its window): the LM head runs on
+    those positions only, not on the whole window."""
+    adapters = lora.rows(x.size(0))
+    h = model.hidden(x, adapters)
+    h = h.gather(1, sel.unsqueeze(-1).expand(-1, -1, h.size(-1)))
+    return F.cross_entropy(model.logits(h, adapters).flatten(0, 1), y_sel.flatten(), reduction="none").view_as(y_sel)
+
+
+def _lora_sdpa_context():
+    """cuDNN attention builds a plan for every new shape (tens of ms each), and the adapter steps run thousands of
+    (rows, length) shapes: they use PyTorch's flash kernel instead. FA3 and the CPU path are unchanged."""
+    if ATTENTION_BACKEND == "sdpa_cudnn":
+        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])
+    return sdpa_context()
+
+
+def _lora_optimizer(lora: BatchedLoRA, hp: Hyperparameters, ctx: RunContext) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(lora.parameters(), lr=hp.ttt_lora_lr, betas=LORA_BETAS, eps=LORA_EPS,
+                             weight_decay=hp.ttt_weight_decay, fused=ctx.device.type == "cuda")
+
+
+def _lora_step(model, lora, optimizer, tokens, slot_start, slot_preds, ci: int, rows: int, length: int,
+               trains: bool, tables, sums: _ScoreSums, hp: Hyperparameters, ctx: RunContext) -> None:
+    """Chunk ci of the last `rows` slots: one forward over each document's window (its last <= EVAL_SEQ_LEN tokens
+    up to the chunk's end, right-padded with zeros), the chunk's predictions scored, then, if `trains`, one AdamW
+    step on the same forward: the mean CE of each document's chunk, summed over documents that have a later chunk.
+    Everything here is computed on the device from the slots' (start, predictions); no host round trip."""
+    C, T, device = hp.ttt_chunk_size, hp.eval_seq_len, tokens.device
+    start, preds = slot_start[-rows:], slot_preds[-rows:]
+    lo = ci * C
+    end = torch.where(preds > lo, preds.clamp(max=lo + C), 0)  # rows without this chunk get an empty window
+    first = (end - T).clamp(min=0)
+    width = end - first
+    pos = torch.arange(length, device=device)
+    target = start[:, None] + first[:, None] + pos  # window position p predicts stream token target + 1
+    inside = pos < width[:, None]
+    x = torch.where(inside, tokens[target.clamp(max=tokens.numel() - 2)], 0)
+    y = torch.where(inside, tokens[(target + 1).clamp(max=tokens.numel() - 1)], 0)
+    count = (end - lo).clamp(min=0)  # this chunk's predictions per row: the last `count` window positions
+    sel = (width[:, None] - C + torch.arange(C, device=device)).clamp(min=0)
+    scored = torch.arange(C, device=device) >= (C - count)[:, None]
+    x_sel, y_sel = x.gather(1, sel), y.gather(1, sel)
+    with ctx.autocast(), _lora_sdpa_context():
+        ce = _compiled(_lora_chunk_losses, hp, dynamic=True)(model, lora, x, sel, y_sel)
+    sums.add(ce.detach(), scored, target.gather(1, sel), count_target_bytes(x_sel, y_sel, tables))  # score first
+    if trains:
+        weight = scored * ((preds > lo + C) / count.clamp(min=1))[:, None]
+        (ce * weight).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def _lora_batch(model, lora, tokens, slot_start, slot_preds, preds: np.ndarray, tables, sums: _ScoreSums,
+                hp: Hyperparameters, ctx: RunContext) -> None:
+    """One batch (its documents' predictions `preds`, ascending), chunk by chunk, with fresh optimizer state."""
+    optimizer = _lora_optimizer(lora, hp, ctx)
+    for ci, (rows, length, trains) in enumerate(zip(*lora_chunk_steps(preds, hp))):
+        _lora_step(model, lora, optimizer, tokens, slot_start, slot_preds, ci, int(rows), int(length), bool(trains),
+                   tables, sums, hp, ctx)
+
+
+def _lora_seed(hp: Hyperparameters, *key: int) -> int:
+    return int(np.random.SeedSequence([hp.seed, *key]).generate_state(1)[0])
+
+
+def _batch_slots(plan: LoRAPlan, hp: Hyperparameters, device) -> tuple[Tensor, Tensor]:
+    """[batches, TTT_BATCH_SIZE] document starts and predictions, each batch's documents in its last slots (empty
+    slots predict nothing); uploaded once."""
+    N = hp.ttt_batch_size
+    start, preds = np.zeros((len(plan.batches), N), np.int64), np.zeros((len(plan.batches), N), np.int64)
+    for b in plan.batches:
+        start[b.index, N - len(b.docs):], preds[b.index, N - len(b.docs):] = plan.starts[b.docs], plan.preds[b.docs]
+    return torch.from_numpy(start).to(device), torch.from_numpy(preds).to(device)
+
+
+def _global_chunks(n_tokens: int, hp: Hyperparameters) -> tuple[int, int]:
+    """(chunks trained, sequences per chunk) of a phase over n_tokens tokens: TTT_CHUNK_TOKENS chunks of whole
+    EVAL_SEQ_LEN sequences, the last chunk not trained on (as in the record)."""
+    per_chunk = max(1, hp.ttt_chunk_tokens // hp.eval_seq_len)
+    return max(_ceil_div((n_tokens - 1) // hp.eval_seq_len, per_chunk) - 1, 0), per_chunk
+
+
+def _global_sgd(model: GPT, tokens: Tensor, plan: LoRAPlan, docs: np.ndarray, hp: Hyperparameters,
+                ctx: RunContext) -> int:
+    """A phase: SGD of all base weights on scored documents, concatenated (each with its final target token),
+    cosine lr over the chunks, each chunk's sequences split over ranks and the gradients summed (the chunk mean)
+    and clipped, as in score-first TTT. Returns the number of chunks trained."""
+    T = hp.eval_seq_len
+    index = np.concatenate([np.arange(s, s + p + 1) for s, p in zip(plan.starts[docs], plan.preds[docs])])
+    stream = tokens[torch.from_numpy(index).to(tokens.device)]
+    n_chunks, per_chunk = _global_chunks(len(index), hp)
+    params = list(model.parameters())
+    model.requires_grad_(True)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer = torch.optim.SGD(params, lr=hp.global_ttt_lr, momentum=hp.ttt_momentum)
+    for c in range(n_chunks):  # cosine over all chunks, the untrained last one included, as in the record
+        for group in optimizer.param_groups:
+            group["lr"] = hp.global_ttt_lr * 0.5 * (1.0 + math.cos(math.pi * c / n_chunks))
+        optimizer.zero_grad(set_to_none=False)
+        _ttt_accumulate_grads(model, stream, TTTChunk(c, 0, 0, c * per_chunk * T, per_chunk), hp, ctx)
+        _reduce_and_clip_grads(params, hp.ttt_grad_clip, ctx)
+        optimizer.step()
+    for p in params:
+        p.grad = None
+    model.requires_grad_(False)
+    return n_chunks
+
+
+def _sums_now(sums: _ScoreSums) -> list[float]:
+    return torch.stack([sums.loss, sums.tokens.double(), sums.bytes.double()]).tolist()
+
+
+def _log_lora_batch(batch: LoRABatch, plan: LoRAPlan, before: list[float], after: list[float], after_phase: bool,
+                    elapsed: float, ctx: RunContext) -> None:
+    """The record's `ttp:` line: this batch's and this rank's running loss and bpb, document lengths in tokens."""
+    (loss0, tokens0, bytes0), (loss, tokens, nbytes) = before, after
+    preds = plan.preds[batch.docs]
+    ctx.log(f"ttp: b{batch.index + 1}/{len(plan.batches)} bl:{(loss - loss0) / max(tokens - tokens0, 1):.4f} "
+            f"bb:{(loss - loss0) / (math.log(2) * max(nbytes - bytes0, 1)):.4f} rl:{loss / max(tokens, 1):.4f} "
+            f"rb:{loss / (math.log(2) * max(nbytes, 1)):.4f} dl:{preds[0] + 1}-{preds[-1] + 1} gd:{int(after_phase)} "
+            f"t:{elapsed:.1f}s")
+
+
+def eval_val_lora_ttt(model: GPT, val_tokens: Tensor, tables, hp: Hyperparameters, ctx: RunContext,
+                      label: str | None = "quantized_ttt_phased", counted: bool = True,
+                      return_losses: bool = False) -> EvalResult:
+    """Phased, document-independent LoRA TTT (ANCHORS 6.2) following lora_ttt_plan. The base weights are frozen
+    except in the global phases. Trains `model` in place: pass a copy that is not needed afterwards."""
+    graphs = dynamo_counters["stats"]["unique_graphs"]  # to report a compile on the clock
+    t0 = _start_clock(model, hp, ctx)
+    tokens, tables = _on_device(val_tokens, tables, ctx)
+    n = tokens.numel() - 1
+    plan = lora_ttt_plan(document_starts(val_tokens.cpu().numpy()), n, hp)
+    slot_start, slot_preds = _batch_slots(plan, hp, ctx.device)
+    sums = _ScoreSums(n, ctx.device, return_losses)
+    trainable = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)
+    model.eval()
+    lora = BatchedLoRA(model, hp, ctx.device)
+    phases, verbose = len(plan.boundaries), bool(label) and ctx.is_main
+    prefix = plan.boundaries[-1] if phases else 0
+    if label:
+        docs = len(plan.starts)
+        ctx.log(f"ttt_phased: total_docs:{docs} prefix_docs:{prefix} suffix_docs:{docs - prefix} "
+                f"num_phases:{phases} boundaries:{plan.boundaries} batches:{len(plan.batches)} lanes:{TTT_LANES} "
+                f"lora_rank:{hp.ttt_lora_rank} chunk:{hp.ttt_chunk_size} lora_lr:{hp.ttt_lora_lr} "
+                f"global_lr:{hp.global_ttt_lr}")
+    for k, segment in enumerate(plan.segments):
+        for lane in range(ctx.rank, TTT_LANES, ctx.world_size):
+            for i, batch in enumerate(segment.lanes[lane]):
+                lora.reset(_lora_seed(hp, k, batch.index) if i == 0 or not hp.ttt_warm_start_a else None)
+                before = _sums_now(sums) if verbose else None
+                _lora_batch(model, lora, tokens, slot_start[batch.index], slot_preds[batch.index],
+                            plan.preds[batch.docs], tables, sums, hp, ctx)
+                if verbose:  # this rank's batches only; one device sync per batch
+                    _log_lora_batch(batch, plan, before, _sums_now(sums), k > 0, time.perf_counter() - t0, ctx)
+        if len(segment.global_docs):
+            if label:
+                ctx.log(f"ttpp: phase:{k + 1}/{phases} pd:{segment.scored_docs} gd:{len(segment.global_docs)} "
+                        f"t:{time.perf_counter() - t0:.1f}s")
+            chunks = _global_sgd(model, tokens, plan, segment.global_docs, hp, ctx)
+            if label:
+                ctx.log(f"tttg: chunks:{chunks} lr:{hp.global_ttt_lr} t:{time.perf_counter() - t0:.1f}s")
+                ctx.log(f"ttpr: phase:{k + 1}/{phases} t:{time.perf_counter() - t0:.1f}s")
+    for p, flag in zip(model.parameters(), trainable):
+        p.requires_grad_(flag)
+    compiled = dynamo_counters["stats"]["unique_graphs"] - graphs
+    if label and compiled:
+        ctx.log(f"WARNING ttt_phased: {compiled} graph(s) compiled on the eval clock; eval_warmup should have "
+                "compiled them all (a shape specialization: please report)")
+    return _finish(sums, tokens, tables, label, counted, t0, ctx)
+
+
 def _mean_seconds(fn, ctx: RunContext, repeats: int = 2) -> float:
     ctx.sync()
     t0 = time.perf_counter()
@@ -2288,8 +2645,9 @@ def _mean_seconds(fn, ctx: RunContext, repeats: int = 2) -> float:
 
 def eval_warmup(model: nn.Module, hp: Hyperparameters, ctx: RunContext) -> EvalTimings:
     """Compile every shape the evaluations use, then time steady-state steps for log_eval_projection. Random tokens
-    only, never validation tokens; no optimizer step, so the weights are untouched. Not on the eval clock. Set the
-    model's mode (looping) first: the graphs are specialized to it."""
+    only, never validation tokens; no optimizer step on the model (lora_phased steps a throwaway adapter set), so
+    the weights are untouched. Not on the eval clock. Set the model's mode (looping) first: the graphs are
+    specialized to it."""
     t0 = time.perf_counter()
     device, T, stride, B = ctx.device, hp.eval_seq_len, hp.eval_stride, SLIDING_BATCH_WINDOWS
     rows = _plain_batch_rows(hp)
@@ -2332,38 +2690,138 @@ def eval_warmup(model: nn.Module, hp: Hyperparameters, ctx: RunContext) -> EvalT
         ttt_step = _mean_seconds(ttt_epoch, ctx)
         for p in params:
             p.grad = None
+    lora_short = lora_long = 0.0
+    if hp.ttt_enabled and hp.ttt_mode == "lora_phased":
+        lora_short, lora_long = _lora_warmup(model, hp, ctx, generator)
     model.eval()
-    timings = EvalTimings(time.perf_counter() - t0, plain_batch, sliding_batch, ttt_step)
+    timings = EvalTimings(time.perf_counter() - t0, plain_batch, sliding_batch, ttt_step, lora_short, lora_long)
+    lora = (f" lora_step:{1000 * lora_short:.1f}ms@{hp.ttt_batch_size}x{max(hp.ttt_chunk_size, 2)} "
+            f"{1000 * lora_long:.1f}ms@{hp.ttt_batch_size}x{T}" if lora_long else "")
     ctx.log(f"eval_warmup: compiled and timed on random tokens (no validation data) in {timings.warmup_seconds:.1f}s, "
             f"not on the eval clock; plain_batch:{1000 * plain_batch:.1f}ms sliding_batch:{1000 * sliding_batch:.1f}ms "
-            f"ttt_step:{1000 * ttt_step:.1f}ms")
+            f"ttt_step:{1000 * ttt_step:.1f}ms" + lora)
     return timings
 
 
-def log_eval_projection(n_targets: int, timings: EvalTimings, hp: Hyperparameters, ctx: RunContext) -> float:
-    """Project the phases still to come (sliding if enabled, TTT if enabled) from eval_warmup's step times times the
-    number of batches and chunks a rank will run; add the time already counted; warn loudly over budget."""
-    T, stride, B, W = hp.eval_seq_len, hp.eval_stride, SLIDING_BATCH_WINDOWS, ctx.world_size
+def _lora_warmup(model: GPT, hp: Hyperparameters, ctx: RunContext, generator) -> tuple[float, float]:
+    """Compile the adapter step (one graph with dynamic shapes for every row count >= 2 and window length), then
+    time it on a full batch at window TTT_CHUNK_SIZE and at window EVAL_SEQ_LEN. Random tokens and a throwaway
+    adapter set; the base weights are frozen meanwhile, as in eval_val_lora_ttt (the graph depends on that)."""
+    N, C, T, device = hp.ttt_batch_size, hp.ttt_chunk_size, hp.eval_seq_len, ctx.device
+    P = T + 2 * C  # a full window with a later chunk
+    tokens = torch.randint(0, hp.vocab_size, (N * P + 1,), generator=generator).to(device)
+    tables = (torch.zeros(hp.vocab_size, dtype=torch.int16, device=device),
+              torch.zeros(hp.vocab_size, dtype=torch.bool, device=device),
+              torch.zeros(hp.vocab_size, dtype=torch.bool, device=device))
+    slot_start = torch.arange(N, device=device) * P
+    slot_preds = torch.full((N,), P, device=device)
+    rows, length, trains = lora_chunk_steps(np.full(N, P), hp)
+    trainable = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)
+    model.eval()
+    lora = BatchedLoRA(model, hp, device)
+    lora.reset(hp.seed)
+    optimizer = _lora_optimizer(lora, hp, ctx)
+    sums = _ScoreSums(N * P, device, keep_losses=False)
+
+    def step(ci: int, n_rows: int | None = None):
+        return lambda: _lora_step(model, lora, optimizer, tokens, slot_start, slot_preds, ci, n_rows or int(rows[ci]),
+                                  int(length[ci]), bool(trains[ci]), tables, sums, hp, ctx)
+
+    full = _ceil_div(T, C) - 1  # the first chunk whose window is EVAL_SEQ_LEN long
+    for warm in (step(full), step(0), step(1, 2)):  # the last: a shape unlike the others, to catch specialization
+        warm()
+    short, long = _mean_seconds(step(0), ctx), _mean_seconds(step(full), ctx)
+    for p, flag in zip(model.parameters(), trainable):
+        p.requires_grad_(flag)
+    return short, long
+
+
+def _lora_plan_seconds(plan: LoRAPlan, timings: EvalTimings, hp: Hyperparameters, world: int,
+                       share: float) -> float:
+    """Per segment the slowest rank's batches, an adapter step costing a + b*rows*length (fitted to eval_warmup's
+    two timings), plus the phase's SGD chunks at `share` times the measured TTT step."""
+    N, short_len = hp.ttt_batch_size, max(hp.ttt_chunk_size, 2)
+    per_token = max(timings.lora_step_long - timings.lora_step_short, 0.0) / (N * max(hp.eval_seq_len - short_len, 1))
+    step = max(timings.lora_step_short - per_token * N * short_len, 0.0)
+    total = 0.0
+    for segment in plan.segments:
+        loads = [0.0] * world
+        for lane, batches in enumerate(segment.lanes):
+            loads[lane % world] += sum(_lora_batch_cost(plan.preds[b.docs], hp, step, per_token) for b in batches)
+        total += max(loads)
+        if len(segment.global_docs):
+            total += _global_chunks(int((plan.preds[segment.global_docs] + 1).sum()), hp)[0] * timings.ttt_step * share
+    return total
+
+
+def _projected_seconds(n_targets: int, starts: np.ndarray, timings: EvalTimings, hp: Hyperparameters, world: int,
+                       measured_world: int) -> tuple[float, float]:
+    """(sliding, TTT) seconds on `world` GPUs from step times measured on `measured_world` GPUs: scoring batches
+    keep their size; a TTT training step's share of a chunk shrinks with the GPU count."""
+    T, stride, B, share = hp.eval_seq_len, hp.eval_stride, SLIDING_BATCH_WINDOWS, measured_world / world
     sliding = ttt = 0.0
     if hp.sliding_window_enabled:
         windows = len(sliding_window_starts(n_targets, T, stride))
-        sliding = _ceil_div(_ceil_div(windows, W), B) * timings.sliding_batch
-    if hp.ttt_enabled:
+        sliding = _ceil_div(_ceil_div(windows, world), B) * timings.sliding_batch
+    if hp.ttt_enabled and hp.ttt_mode == "lora_phased":
+        ttt = _lora_plan_seconds(lora_ttt_plan(starts, n_targets, hp), timings, hp, world, share)
+    elif hp.ttt_enabled:
         for chunk in ttt_plan(n_targets, hp):
-            batches = _ceil_div(_ceil_div(chunk.end_window - chunk.first_window, W), B)
-            ttt += batches * timings.sliding_batch + (hp.ttt_epochs * timings.ttt_step if chunk.train_seqs else 0.0)
+            batches = _ceil_div(_ceil_div(chunk.end_window - chunk.first_window, world), B)
+            ttt += batches * timings.sliding_batch
+            ttt += hp.ttt_epochs * timings.ttt_step * share if chunk.train_seqs else 0.0
+    return sliding, ttt
+
+
+def _full_scale(starts: np.ndarray, n_targets: int) -> tuple[np.ndarray, int]:
+    """This stream's documents repeated to about the size of the full validation set: (starts, targets)."""
+    preds = np.tile(np.diff(np.append(starts, n_targets)), max(1, round(FULL_VAL_TARGETS / n_targets)))
+    return np.concatenate([[0], np.cumsum(preds)[:-1]]), int(preds.sum())
+
+
+def _warn_over_budget(what: str, total: float, sliding: float, ttt: float, hp: Hyperparameters,
+                      ctx: RunContext) -> None:
+    budget = hp.eval_budget_seconds
+    if total <= budget:
+        return
+    advice = []
+    if hp.sliding_window_enabled and hp.ttt_enabled:
+        advice.append(f"SLIDING_WINDOW_ENABLED=0 (the TTT score is the one reported; saves ~{sliding:.0f}s)")
+    advice.append(f"a larger EVAL_STRIDE (now {hp.eval_stride}; window cost scales with 1/stride)")
+    if hp.ttt_enabled and hp.ttt_mode == "lora_phased":
+        advice += [f"a larger TTT_CHUNK_SIZE (now {hp.ttt_chunk_size}; fewer adapter steps)",
+                   f"fewer PHASED_TTT_NUM_PHASES (now {hp.phased_ttt_num_phases})"]
+    elif hp.ttt_enabled:
+        advice.append(f"fewer TTT_EPOCHS (now {hp.ttt_epochs})")
+    if hp.ttt_enabled:
+        advice.append(f"TTT_ENABLED=0 (saves ~{ttt:.0f}s)")
+    ctx.log("!" * 100 + f"\nWARNING {what}: ~{total:.0f}s exceeds EVAL_BUDGET_SECONDS={budget:.0f}s by "
+            f"~{total - budget:.0f}s. Set " + ", or ".join(advice) + "\n" + "!" * 100)
+
+
+def log_eval_projection(n_targets: int, timings: EvalTimings, hp: Hyperparameters, ctx: RunContext,
+                        val_tokens: Tensor | None = None) -> float:
+    """Project the phases still to come (sliding if enabled, TTT if enabled) from eval_warmup's step times times the
+    batches, chunks and adapter steps a rank will run; add the time already counted; warn loudly over budget. Then
+    the same for the full validation set on 8 GPUs (lora_phased: this stream's documents, repeated), so a run on
+    one GPU and a part of the set tells whether the record setting fits. val_tokens: the stream (lora_phased needs
+    its documents; without it the stream counts as one document)."""
+    W = ctx.world_size
+    starts = document_starts(val_tokens.cpu().numpy()) if val_tokens is not None else np.zeros(1, np.int64)
+    sliding, ttt = _projected_seconds(n_targets, starts, timings, hp, W, W)
     total = ctx.counted_eval_seconds + sliding + ttt
     budget = hp.eval_budget_seconds
     ctx.log(f"eval_projection: sliding ~{sliding:.0f}s ttt ~{ttt:.0f}s total ~{total:.0f}s budget {budget:.0f}s")
-    if total > budget:
-        advice = []
-        if hp.sliding_window_enabled and hp.ttt_enabled:
-            advice.append(f"SLIDING_WINDOW_ENABLED=0 (TTT scores the same windows itself; saves ~{sliding:.0f}s)")
-        advice.append(f"a larger EVAL_STRIDE (now {stride}; window cost scales with 1/stride)")
-        if hp.ttt_enabled:
-            advice += [f"fewer TTT_EPOCHS (now {hp.ttt_epochs})", f"TTT_ENABLED=0 (saves ~{ttt:.0f}s)"]
-        ctx.log("!" * 100 + f"\nWARNING eval_projection: ~{total:.0f}s exceeds EVAL_BUDGET_SECONDS={budget:.0f}s by "
-                f"~{total - budget:.0f}s. Set " + ", or ".join(advice) + "\n" + "!" * 100)
+    _warn_over_budget("eval_projection", total, sliding, ttt, hp, ctx)
+    full_starts, n_full = _full_scale(starts, n_targets)
+    f_sliding, f_ttt = _projected_seconds(n_full, full_starts, timings, hp, FULL_SCALE_GPUS, W)
+    f_counted = ctx.counted_eval_seconds * n_full / n_targets * W / FULL_SCALE_GPUS
+    f_total = f_counted + f_sliding + f_ttt
+    mode = hp.ttt_mode if hp.ttt_enabled else "off"
+    ctx.log(f"eval_projection_full_scale: targets:{n_full} gpus:{FULL_SCALE_GPUS} counted ~{f_counted:.0f}s sliding "
+            f"~{f_sliding:.0f}s ttt({mode}) ~{f_ttt:.0f}s total ~{f_total:.0f}s budget {budget:.0f}s")
+    _warn_over_budget("eval_projection_full_scale", f_total, f_sliding, f_ttt, hp, ctx)
     return total
 
 
@@ -2501,17 +2959,21 @@ def load_quantized_model(hp: Hyperparameters, ctx: RunContext, path: str) -> GPT
 
 
 def evaluate_artifact(hp: Hyperparameters, ctx: RunContext, path: str, val_tokens, tables, summary: dict) -> None:
-    """Quantized, sliding-window and score-first TTT evaluations of the artifact, each on a fresh copy."""
+    """Quantized, sliding-window and TTT (TTT_MODE: score-first or phased LoRA) evaluations of the artifact, TTT on
+    a fresh copy."""
     model = load_quantized_model(hp, ctx, path)
     timings = eval_warmup(model, hp, ctx)
     results = [eval_val(model, val_tokens, tables, hp, ctx, label="quantized")]
-    log_eval_projection(val_tokens.numel() - 1, timings, hp, ctx)
+    log_eval_projection(val_tokens.numel() - 1, timings, hp, ctx, val_tokens)
     if hp.sliding_window_enabled:
         results.append(eval_val_sliding(model, val_tokens, tables, hp, ctx, label="quantized_sliding_window"))
     if hp.ttt_enabled:
         del model
         model = load_quantized_model(hp, ctx, path)
-        results.append(eval_val_ttt(model, val_tokens, tables, hp, ctx, label="quantized_ttt"))
+        if hp.ttt_mode == "lora_phased":
+            results.append(eval_val_lora_ttt(model, val_tokens, tables, hp, ctx, label="quantized_ttt_phased"))
+        else:
+            results.append(eval_val_ttt(model, val_tokens, tables, hp, ctx, label="quantized_ttt"))
     summary["eval_time_s"] = log_eval_summary(results, hp, ctx, timings)
     for r in results:
         summary["evals"][r.label] = dict(val_loss=r.val_loss, val_bpb=r.val_bpb, eval_time_s=r.seconds,
@@ -2519,7 +2981,7 @@ def evaluate_artifact(hp: Hyperparameters, ctx: RunContext, path: str, val_token
                                          covered=r.covered)
     final = results[-1]
     summary.update(final_label=final.label, val_loss=final.val_loss, val_bpb=final.val_bpb,
-                   ttt=dict(mode="score_first" if hp.ttt_enabled else "off", score_before_update=True))
+                   ttt=dict(mode=hp.ttt_mode if hp.ttt_enabled else "off", score_before_update=True))
 
 
 def write_summary(hp: Hyperparameters, ctx: RunContext, summary: dict) -> None:

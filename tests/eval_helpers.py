@@ -70,3 +70,14 @@ def make_ctx(rank: int = 0, world_size: int = 1) -> tg.RunContext:
     ctx = tg.RunContext(rank=rank, world_size=world_size, local_rank=rank, device=torch.device("cpu"))
     ctx.log = LogLines() if rank == 0 else (lambda msg="", console=True: None)
     return ctx
+
+
+def lora_hp(**overrides) -> tg.Hyperparameters:
+    """TTT_MODE=lora_phased at test scale on a smaller looped GPT (4 layers, the second run twice, the last two
+    parallel: 5 virtual layers): batches of 4 documents, 16-prediction chunks, windows of 64 tokens (so long
+    documents slide), phases after 4 and 8 scored documents, global SGD chunks of 2 sequences."""
+    return smoke_hp(**{"ttt_mode": "lora_phased", "num_layers": 4, "loop_start": 1, "loop_end": 1, "num_loops": 1,
+                       "xsa_last_n": 4, "parallel_residual_start": 2, "eval_seq_len": 64, "ttt_batch_size": 4,
+                       "ttt_chunk_size": 16, "ttt_lora_rank": 4, "ttt_lora_alpha": 6.0, "ttt_lora_lr": 0.01,
+                       "phased_ttt_prefix_docs": 8, "phased_ttt_num_phases": 2, "ttt_chunk_tokens": 128,
+                       "global_ttt_lr": 0.01, **overrides})
