@@ -3002,13 +3002,17 @@ def train_and_quantize(hp, ctx, train_files, val_tokens, tables, script, artifac
     budget_ms = hp.max_wallclock_seconds * 1000 - reserve_s * 1000 if hp.max_wallclock_seconds > 0 else 0.0
     ctx.log(f"gptq:reserving {reserve_s:.1f}s, effective={budget_ms:.0f}ms")
 
+    stop = {}  # the last validate call is the final validation, which train() runs right after its loop stops
+
     def validate(step: int, train_ms: float):
+        stop["t"] = time.perf_counter()
         r = eval_val(model, val_tokens, tables, hp, ctx, label=None, counted=False)
         ctx.log(f"{step}/{hp.iterations} val_loss: {r.val_loss:.4f} val_bpb: {r.val_bpb:.4f}")
         ctx.metric(event="val", step=step, val_loss=r.val_loss, val_bpb=r.val_bpb, train_time_ms=train_ms)
 
     ctx.log(f"training_start: {time.time() - PROCESS_START:.1f}s after launch")
     stats = train(hp, ctx, trainer, budget_ms, validate)
+    trained_t = time.perf_counter()
     if ctx.is_main:  # the pre-quantization (EMA) model is kept whatever happens next
         buf = io.BytesIO()
         torch.save(model.state_dict(), buf)
@@ -3038,6 +3042,10 @@ def train_and_quantize(hp, ctx, train_files, val_tokens, tables, script, artifac
         ctx.log(f"artifact: quantize+compress {time.perf_counter() - t0:.1f}s (compress {info['compress_seconds']:.1f}s) "
                 f"clip_scale:{info['clip_scale']:.4f}")
         summary["quantization_s"] = time.perf_counter() - t0
+        summary["post_training_s"] = time.perf_counter() - stop["t"]
+        ctx.log(f"post_training: {summary['post_training_s']:.1f}s from training stop to artifact written "
+                f"(final_val+ema:{trained_t - stop['t']:.1f}s serialize+pre_quant_eval:{calib_t0 - trained_t:.1f}s "
+                f"hessians:{calib_s:.1f}s quantize+compress:{summary['quantization_s']:.1f}s)")
     write_summary(hp, ctx, summary)
     if ctx.distributed:
         dist.barrier()
