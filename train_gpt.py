@@ -82,6 +82,8 @@ class Hyperparameters:
     logit_softcap: float = 30.0
     fused_ce: int = 1  # training loss by the fused Triton kernels (CUDA); the eager CE where Triton is missing
     xsa_last_n: int = 11
+    sparse_attn_gate_enabled: int = 1  # per-head sigmoid gate on each attention output, from 12 input channels
+    doc_isolated_attn: int = 1  # training: attention never crosses a BOS (documents in a row do not see each other)
     num_loops: int = 2
     loop_start: int = 3
     loop_end: int = 5
@@ -195,6 +197,8 @@ def validate_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
         errors.append(f"ROPE_DIMS={hp.rope_dims} must be even and at most the head dim {head_dim}")
     if hp.num_loops > 0 and not 0 <= hp.loop_start <= hp.loop_end < hp.num_layers:
         errors.append(f"need 0 <= LOOP_START <= LOOP_END < NUM_LAYERS (got {hp.loop_start}, {hp.loop_end}, {hp.num_layers})")
+    if hp.sparse_attn_gate_enabled and hp.model_dim < ATTN_GATE_WINDOW:
+        errors.append(f"SPARSE_ATTN_GATE_ENABLED=1 reads {ATTN_GATE_WINDOW} channels: MODEL_DIM must be at least that")
     if hp.vocab_size > 65536:
         errors.append("VOCAB_SIZE must be at most 65536 (tokens are stored as uint16)")
     if hp.compressor not in ("brotli", "lzma"):
@@ -689,16 +693,31 @@ def _pick_attention_backend() -> str:
 
 
 ATTENTION_BACKEND = None  # chosen once per process by configure_attention()
+DOC_ATTENTION_BACKEND = None  # likewise, for document-isolated training attention (DOC_ATTENTION below)
+_FLEX_ATTENTION = None  # flex_attention, wrapped in torch.compile on CUDA by configure_attention
 
 
-def configure_attention(backend: str | None = None) -> str:
-    global ATTENTION_BACKEND
+def configure_attention(backend: str | None = None, doc_backend: str | None = None) -> str:
+    """Choose the dense backend and the document-isolated one; returns the dense backend's name."""
+    global ATTENTION_BACKEND, DOC_ATTENTION_BACKEND, _FLEX_ATTENTION
     ATTENTION_BACKEND = backend or _pick_attention_backend()
+    DOC_ATTENTION_BACKEND = doc_backend or _pick_doc_attention_backend()
+    if DOC_ATTENTION_BACKEND == "flex":
+        from torch.nn.attention.flex_attention import flex_attention
+
+        # Eager flex materializes [B, H, T, T] scores; compiled it is one fused kernel, also inside the compiled model.
+        _FLEX_ATTENTION = torch.compile(flex_attention, dynamic=False) if torch.cuda.is_available() else flex_attention
+    if DOC_ATTENTION_BACKEND == "varlen":
+        _configure_torch_varlen()
     return ATTENTION_BACKEND
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """q: [B, T, H, D]; k, v: [B, T, Hkv, D] -> [B, T, H, D]. GQA without materializing repeated K/V."""
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, doc_mask=None) -> Tensor:
+    """q: [B, T, H, D]; k, v: [B, T, Hkv, D] -> [B, T, H, D]. GQA without materializing repeated K/V.
+
+    With doc_mask (document_mask(ids) of this forward) a token attends only to earlier tokens of its own document."""
+    if doc_mask is not None:
+        return DOC_ATTENTION[DOC_ATTENTION_BACKEND][1](q, k, v, doc_mask)
     if ATTENTION_BACKEND == "fa3":
         import flash_attn_interface
 
@@ -715,9 +734,144 @@ def sdpa_context():
     return sdpa_kernel(backend) if backend is not None else nullcontext()
 
 
+# --- document-isolated attention (training, DOC_ISOLATED_ATTN=1) --------------------------------------------------
+# Training rows are windows cut from the token stream: a row holds the tail of one document, whole documents and the
+# head of the next. Isolated, a token attends only to earlier tokens of its own document: a BOS-led segment of the
+# row (the part before the row's first BOS counts as one). RoPE keeps the row positions; attention sees only position
+# differences, so that is the same function as restarting them at each BOS. Evaluation stays dense causal.
+# A backend is (build, attend): build(ids [B, T]) makes the mask once per forward and every layer's attend reuses it.
+# Both run inside the compiled training graph, so every shape in them is fixed by (B, T).
+
+BOS_ID = 1  # every document starts with BOS (ANCHORS 1.8); prepare_data checks that the tokenizer agrees
+VARLEN_TOKENS_PER_SLOT = 128  # varlen: one sequence slot per this many tokens, on top of one per row
+# On CUDA without FA3 the first of these that this torch has is used; bench/attention.py times both.
+DOC_GPU_BACKENDS = {"varlen": "torch.nn.attention.varlen", "flex": "torch.nn.attention.flex_attention"}
+
+
+def document_ids(ids: Tensor) -> Tensor:
+    """[B, T] -> the document index of every token within its row: the number of BOS tokens up to and including it."""
+    return (ids == BOS_ID).cumsum(dim=1)
+
+
+def sdpa_doc_mask(ids: Tensor) -> Tensor:
+    """Boolean [B, 1, T, T]: query t may read key s (s <= t, same document). The CPU and reference path."""
+    doc = document_ids(ids)
+    causal = torch.ones(ids.size(1), ids.size(1), dtype=torch.bool, device=ids.device).tril()
+    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
+
+
+def sdpa_doc_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                       enable_gqa=True)
+    return y.transpose(1, 2)
+
+
+def flex_doc_mask(ids: Tensor):
+    """FlexAttention BlockMask: blocks wholly outside every document-causal region are skipped."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    doc = document_ids(ids)
+
+    def same_document_causal(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (doc[b, q_idx] == doc[b, kv_idx])
+
+    B, T = ids.shape
+    return create_block_mask(same_document_causal, B, None, T, T, device=ids.device)
+
+
+def flex_doc_attention(q: Tensor, k: Tensor, v: Tensor, block_mask) -> Tensor:
+    dtype = v.dtype  # flex does not autocast: give q and k the dtype of v (the projections' output dtype)
+    y = _FLEX_ATTENTION(q.transpose(1, 2).to(dtype), k.transpose(1, 2).to(dtype), v.transpose(1, 2),
+                        block_mask=block_mask, enable_gqa=True)
+    return y.transpose(1, 2)
+
+
+def varlen_cu_seqlens(ids: Tensor) -> Tensor:
+    """Sequence boundaries of the flattened batch for varlen kernels: int32, ascending, B + B*T/128 + 1 entries.
+
+    The length is fixed, so the compiled graph keeps its shapes: every row start, the first B*T/128 BOS positions
+    inside rows, and B*T for the slots left over (empty sequences). A batch with more documents than slots (a mean
+    document under 128 tokens) merges its last documents into their predecessors, never across a row, so no sequence
+    exceeds T, the max_seqlen the kernels are given.
+    """
+    B, T = ids.shape
+    n = B * T
+    pos = torch.arange(n, device=ids.device)
+    inner_bos = (ids.reshape(-1) == BOS_ID) & (pos % T != 0)
+    first_bos = torch.where(inner_bos, pos, n).topk(n // VARLEN_TOKENS_PER_SLOT, largest=False).values
+    return torch.cat((pos[::T], first_bos, pos.new_full((1,), n))).sort().values.to(torch.int32)
+
+
+_VARLEN_KWARGS: dict = {}  # causal (and GQA) as this torch's varlen_attn spells them
+
+
+def _configure_torch_varlen() -> None:
+    """torch 2.9 says is_causal=True, 2.10+ window_size=(-1, 0). Its flash kernel takes fewer K/V heads natively;
+    from 2.12 varlen_attn wants enable_gqa=True to allow it, before that it has no such argument."""
+    import inspect
+
+    from torch.nn.attention.varlen import varlen_attn
+
+    global _VARLEN_KWARGS
+    params = inspect.signature(varlen_attn).parameters
+    _VARLEN_KWARGS = dict(window_size=(-1, 0)) if "window_size" in params else dict(is_causal=True)
+    if "enable_gqa" in params:
+        _VARLEN_KWARGS["enable_gqa"] = True
+
+
+def varlen_doc_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor) -> Tensor:
+    """The batch packed into one [B*T, heads, D] stream cut at cu_seqlens; causal within each sequence."""
+    B, T, H, D = q.shape
+    dtype = v.dtype
+    q, k, v = (t.reshape(B * T, t.size(2), D).to(dtype) for t in (q, k, v))
+    if DOC_ATTENTION_BACKEND == "fa3_varlen":
+        import flash_attn_interface
+
+        y = flash_attn_interface.flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, T, T, causal=True)
+        y = y[0] if isinstance(y, tuple) else y
+    else:
+        from torch.nn.attention.varlen import varlen_attn
+
+        y = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, T, T, **_VARLEN_KWARGS)
+    return y.view(B, T, H, D)
+
+
+DOC_ATTENTION = {  # name -> (build mask from ids, attend)
+    "fa3_varlen": (varlen_cu_seqlens, varlen_doc_attention),
+    "varlen": (varlen_cu_seqlens, varlen_doc_attention),
+    "flex": (flex_doc_mask, flex_doc_attention),
+    "sdpa_mask": (sdpa_doc_mask, sdpa_doc_attention),
+}
+
+
+def _pick_doc_attention_backend() -> str:
+    """FA3's varlen kernel with FA3; on CUDA the first of DOC_GPU_BACKENDS this torch has; SDPA with a mask else."""
+    if ATTENTION_BACKEND == "fa3":
+        import flash_attn_interface
+
+        if hasattr(flash_attn_interface, "flash_attn_varlen_func"):
+            return "fa3_varlen"
+    if torch.cuda.is_available():
+        for name, module in DOC_GPU_BACKENDS.items():
+            try:
+                __import__(module)
+                return name
+            except ImportError:
+                continue
+    return "sdpa_mask"
+
+
+def document_mask(ids: Tensor):
+    """The chosen backend's document-causal mask for a batch of rows, to pass to every causal_attention call."""
+    return DOC_ATTENTION[DOC_ATTENTION_BACKEND][0](ids)
+
+
+ATTN_GATE_WINDOW = 12  # the sparse gate reads this many leading channels of the attention input (#1787)
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int, rope_dims: int, rope_base: float,
-                 qk_gain_init: float, xsa: bool, max_len: int):
+                 qk_gain_init: float, xsa: bool, max_len: int, gate: bool = False):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, dim // num_heads
         self.c_q = CastedLinear(dim, dim)
@@ -727,8 +881,10 @@ class Attention(nn.Module):
         self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init, dtype=torch.float32))
         self.rotary = Rotary(rope_dims, rope_base, max_len)
         self.xsa = xsa
+        # Sparse head-output gate: g[t, h] = sigmoid(<W_h, u_t[:12]>); zeros make every gate 0.5 at the start.
+        self.attn_gate_w = nn.Parameter(torch.zeros(num_heads, ATTN_GATE_WINDOW)) if gate else None
 
-    def forward(self, u: Tensor, lora=None) -> Tensor:
+    def forward(self, u: Tensor, doc_mask=None, lora=None) -> Tensor:
         B, T, _ = u.shape
         q, k, v = self.c_q(u), self.c_k(u), self.c_v(u)
         if lora is not None:  # test-time LoRA (section 7): per-sequence low-rank corrections, all read from u
@@ -738,13 +894,16 @@ class Attention(nn.Module):
         v = v.view(B, T, self.num_kv_heads, self.head_dim)
         q, k = self.rotary(rms_norm(q)), self.rotary(rms_norm(k))  # QK-norm, then partial RoPE
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
-        y = causal_attention(q, k, v)
+        y = causal_attention(q, k, v, doc_mask)
         if self.xsa:
             # Exclusive self-attention: remove from each head's output its component along the token's own value.
             group = self.num_heads // self.num_kv_heads
             y = y.view(B, T, self.num_kv_heads, group, self.head_dim)
             vn = F.normalize(v, dim=-1).unsqueeze(3)
             y = (y - (y * vn).sum(-1, keepdim=True) * vn).view(B, T, self.num_heads, self.head_dim)
+        if self.attn_gate_w is not None:
+            gate = torch.sigmoid(F.linear(u[..., :ATTN_GATE_WINDOW], self.attn_gate_w.to(u.dtype)))
+            y = y * gate.to(y.dtype)[..., None]
         out = self.proj(y.reshape(B, T, -1))
         return out if lora is None else out + lora("o", u)
 
@@ -766,7 +925,7 @@ class Block(nn.Module):
         dim = hp.model_dim
         self.attn = Attention(dim, hp.num_heads, hp.num_kv_heads, hp.rope_dims, hp.rope_base, hp.qk_gain_init,
                               xsa=layer >= hp.num_layers - hp.xsa_last_n,
-                              max_len=max(hp.train_seq_len, hp.eval_seq_len))
+                              max_len=max(hp.train_seq_len, hp.eval_seq_len), gate=bool(hp.sparse_attn_gate_enabled))
         self.mlp = MLP(dim, int(hp.mlp_mult * dim))
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
@@ -774,13 +933,14 @@ class Block(nn.Module):
         self.ln_scale = 1.0 / math.sqrt(layer + 1)
         self.parallel = 0 <= hp.parallel_residual_start <= layer
 
-    def forward(self, x: Tensor, x0: Tensor, lora=None) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, doc_mask=None, lora=None) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         if self.parallel:  # GPT-J style: attention and MLP read the same normalized input
             u = rms_norm(x) * self.ln_scale
-            return x + self.attn_scale.to(x.dtype) * self.attn(u, lora) + self.mlp_scale.to(x.dtype) * self.mlp(u, lora)
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.ln_scale, lora)
+            return (x + self.attn_scale.to(x.dtype) * self.attn(u, doc_mask, lora)
+                    + self.mlp_scale.to(x.dtype) * self.mlp(u, lora))
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.ln_scale, doc_mask, lora)
         return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.ln_scale, lora)
 
 
@@ -934,20 +1094,22 @@ class GPT(nn.Module):
                 else:
                     nn.init.normal_(m.weight, std=m.weight.size(1) ** -0.5)
 
+    # isolate_docs: attention stops at BOS (training with DOC_ISOLATED_ATTN=1); evaluation passes False.
     # `lora` (test-time training, section 7; None everywhere else): lora.layer(k) is the adapter of virtual layer k
     # (each pass of a looped layer has its own), called as adapter(name, u) -> additive delta; lora.head(h) -> logits.
-    def hidden(self, ids: Tensor, lora=None) -> Tensor:
+    def hidden(self, ids: Tensor, isolate_docs: bool = False, lora=None) -> Tensor:
+        doc_mask = document_mask(ids) if isolate_docs else None  # built once, shared by every layer
         x = x0 = rms_norm(self.tok_emb(ids))
         encoder, decoder = self.schedules[self.looping]
         skips = []
         for k, i in enumerate(encoder):
-            x = self.blocks[i](x, x0, None if lora is None else lora.layer(k))
+            x = self.blocks[i](x, x0, doc_mask, None if lora is None else lora.layer(k))
             skips.append(x)
         for k, i in enumerate(decoder):
             if k < self.skip_weights.size(0) and skips:
                 g = torch.sigmoid(self.skip_gates[k]).to(x.dtype)
                 x = g * x + (1 - g) * (self.skip_weights[k].to(x.dtype) * skips.pop())
-            x = self.blocks[i](x, x0, None if lora is None else lora.layer(len(encoder) + k))
+            x = self.blocks[i](x, x0, doc_mask, None if lora is None else lora.layer(len(encoder) + k))
         return self.final_norm(x)
 
     def pre_softcap_logits(self, h: Tensor, lora=None) -> Tensor:
@@ -957,19 +1119,19 @@ class GPT(nn.Module):
     def logits(self, h: Tensor, lora=None) -> Tensor:
         return self.softcap * torch.tanh(self.pre_softcap_logits(h, lora).float() / self.softcap)
 
-    def forward_logits(self, ids: Tensor) -> Tensor:
-        return self.logits(self.hidden(ids))
+    def forward_logits(self, ids: Tensor, isolate_docs: bool = False) -> Tensor:
+        return self.logits(self.hidden(ids, isolate_docs))
 
-    def forward(self, ids: Tensor, targets: Tensor) -> Tensor:
+    def forward(self, ids: Tensor, targets: Tensor, isolate_docs: bool = False) -> Tensor:
         """Mean training CE. The fused kernels take z as produced (bf16 under autocast), never an fp32 copy."""
-        z = self.pre_softcap_logits(self.hidden(ids))
+        z = self.pre_softcap_logits(self.hidden(ids, isolate_docs))
         if self.fused_ce and fused_ce_supported(z.device):
             return softcap_cross_entropy(z.flatten(0, -2), targets.flatten(), self.softcap).mean()
         logits = self.softcap * torch.tanh(z.float() / self.softcap)
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
 
 
-CONTROL_PARAM_NAMES = ("q_gain", "attn_scale", "mlp_scale", "resid_mix", "skip_weights", "skip_gates")
+CONTROL_PARAM_NAMES = ("q_gain", "attn_scale", "mlp_scale", "resid_mix", "skip_weights", "skip_gates", "attn_gate_w")
 
 
 def build_model(hp: Hyperparameters, device) -> GPT:
@@ -1201,7 +1363,7 @@ class Trainer:
             last = micro == self.grad_accum - 1
             sync_ctx = self.train_model.no_sync() if self.ctx.distributed and not last else nullcontext()
             with sync_ctx, self.ctx.autocast(), sdpa_context():
-                loss = self.train_model(x, y)
+                loss = self.train_model(x, y, isolate_docs=bool(self.hp.doc_isolated_attn))
             (loss / self.grad_accum).backward()
             total += loss.detach()
         if self.hp.grad_clip_norm > 0:
@@ -1536,6 +1698,18 @@ class _GptqBatch:
     pieces: list  # (batch index, first row, last row, name, original shape, bits)
 
 
+def is_attn_gate(name: str, t: Tensor) -> bool:
+    """The sparse attention gates (num_heads x 12 per layer) take the per-row int8 path, not fp16 passthrough."""
+    return name.endswith(".attn_gate_w") and t.is_floating_point() and t.ndim == 2 and 32 <= t.numel() <= 8192
+
+
+def rowmax_int8_quantize(W: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row absmax int8, no clipping: scale = max|W_r|/127 (fp16), q = round(W/scale) in [-127, 127]."""
+    scale = (W.float().abs().amax(dim=1) / 127).clamp_min(1e-10).to(torch.float16).clamp_min(FP16_TINY)
+    q = torch.clamp(torch.round(W.float() / scale.float()[:, None]), -127, 127)
+    return q.to(torch.int8), scale
+
+
 @dataclasses.dataclass
 class QuantPlan:
     """Everything about quantizing a state dict that does not depend on the clip multiplier, computed once so that
@@ -1543,14 +1717,17 @@ class QuantPlan:
     passthrough: dict  # name -> stored tensor
     rtn: list  # (name, 2-D weight, bits, k): large matrices that have no Hessian
     batches: list
+    gates: dict = dataclasses.field(default_factory=dict)  # name -> attention gate weight, for rowmax_int8_quantize
 
 
 def plan_quantization(state_dict: dict[str, Tensor], hessians: dict[str, Tensor], hp: Hyperparameters) -> QuantPlan:
     """Sort tensors into passthrough / RTN / GPTQ and factor the Hessians, batching matrices of one shape."""
-    passthrough, rtn, units = {}, [], []  # unit: [H, [(name, W2d, bits, k), ...]] for matrices sharing H
+    passthrough, rtn, units, gates = {}, [], [], {}  # unit: [H, [(name, W2d, bits, k), ...]] for matrices sharing H
     for name, t in state_dict.items():
         t = t.detach()
-        if not t.is_floating_point():
+        if is_attn_gate(name, t):
+            gates[name] = t.cpu()
+        elif not t.is_floating_point():
             passthrough[name] = t.cpu()
         elif t.numel() <= QUANT_PASSTHROUGH_NUMEL or t.ndim != 2:
             passthrough[name] = t.to(device="cpu", dtype=torch.float16)
@@ -1582,7 +1759,7 @@ def plan_quantization(state_dict: dict[str, Tensor], hessians: dict[str, Tensor]
                 spans.append((b, r0, r1, name, tuple(w.shape), bits))
                 r0 = r1
         batches.append(_GptqBatch(Wp, U, perm, W.std(dim=-1), qmax.to(W.device), sigmas.to(W.device), spans))
-    return QuantPlan(passthrough, rtn, batches)
+    return QuantPlan(passthrough, rtn, batches, gates)
 
 
 def quantize_with_plan(plan: QuantPlan, clip_scale: float = 1.0) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -1593,6 +1770,9 @@ def quantize_with_plan(plan: QuantPlan, clip_scale: float = 1.0) -> tuple[dict[s
     for name, w, bits, k in plan.rtn:
         tensors[name + ".q"], tensors[name + ".scale"] = rtn_quantize(w, bits, k * clip_scale)
         meta[name] = f"rtn (int{bits})"
+    for name, w in plan.gates.items():
+        tensors[name + ".q"], tensors[name + ".scale"] = rowmax_int8_quantize(w)
+        meta[name] = "rowmax (int8)"
     for b in plan.batches:
         scale = _scale_from_std(b.row_std, b.qmax, b.sigmas * clip_scale)
         q = _gptq_sweep(b.W, b.U, b.perm, scale, b.qmax).to(torch.int8)
@@ -1604,8 +1784,8 @@ def quantize_with_plan(plan: QuantPlan, clip_scale: float = 1.0) -> tuple[dict[s
 
 def quantize_state_dict(state_dict: dict[str, Tensor], hessians: dict[str, Tensor], hp: Hyperparameters,
                         clip_scale: float = 1.0) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """GPTQ every large 2-D float tensor that has a Hessian (RTN if it has none), fp16 for small floats, the rest
-    as is. Returns CPU tensors: '<name>.q' int8 and '<name>.scale' fp16 per quantized matrix, '<name>' otherwise,
+    """GPTQ every large 2-D float tensor that has a Hessian (RTN if it has none), per-row int8 for the attention
+    gates, fp16 for other small floats, the rest as is. Returns CPU tensors: '<name>.q' int8 and '<name>.scale' fp16 per quantized matrix, '<name>' otherwise,
     and meta: name -> tag, e.g. 'gptq (int6)', 'passthrough (float16)'."""
     tensors, meta = quantize_with_plan(plan_quantization(state_dict, hessians, hp), clip_scale)
     return {k: v.cpu() for k, v in tensors.items()}, meta
@@ -1622,7 +1802,7 @@ def dequantize_state_dict(tensors: dict[str, Tensor], meta: dict[str, str],
     out = {}
     for name, ref in template_state_dict.items():
         tag = meta[name]
-        if tag.startswith(("gptq", "rtn")):
+        if tag.startswith(("gptq", "rtn", "rowmax")):
             w = tensors[name + ".q"].float() * tensors[name + ".scale"].float()[:, None]
         elif tag.startswith("passthrough"):
             w = tensors[name]
@@ -2463,7 +2643,7 @@ def _lora_chunk_losses(model: GPT, lora: BatchedLoRA, x: Tensor, sel: Tensor, y_
     """fp32 CE at the window positions sel [rows, C] (a row's chunk is the end of its window): the LM head runs on
     those positions only, not on the whole window."""
     adapters = lora.rows(x.size(0))
-    h = model.hidden(x, adapters)
+    h = model.hidden(x, lora=adapters)
     h = h.gather(1, sel.unsqueeze(-1).expand(-1, -1, h.size(-1)))
     return F.cross_entropy(model.logits(h, adapters).flatten(0, 1), y_sel.flatten(), reduction="none").view_as(y_sel)
 
@@ -2872,6 +3052,9 @@ def prepare_data(hp: Hyperparameters, ctx_rank: int):
     train_files = find_shards(os.path.join(hp.data_path, "fineweb_train_*.bin"), "training")
     val_files = find_shards(hp.val_files, "validation")
     sp = load_tokenizer(hp.tokenizer_path, hp.vocab_size)
+    if hp.doc_isolated_attn and sp.bos_id() != BOS_ID:
+        raise SystemExit(f"tokenizer error: {hp.tokenizer_path} has bos_id {sp.bos_id()}, but documents are found by "
+                         f"BOS id {BOS_ID} (the challenge recipe); use such a tokenizer or set DOC_ISOLATED_ATTN=0")
     val_tokens = load_validation_tokens(val_files, hp.eval_seq_len)
     tables = ByteTables(*(torch.from_numpy(t) for t in build_byte_tables(sp, hp.vocab_size)),
                         sidecar=load_validation_bytes(val_files, val_tokens.numel(), caseops_reason(sp, hp)))
@@ -3069,8 +3252,9 @@ def main() -> None:
     ctx.log(f"train_shards: {len(train_files)}")
     ctx.log(f"val_tokens: {val_tokens.numel() - 1}")
     gpu = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu"
+    dense = configure_attention()
     ctx.log(f"world_size:{ctx.world_size} device:{gpu} torch:{torch.__version__} python:{sys.version.split()[0]} "
-            f"attention:{configure_attention()}")
+            f"attention:{dense} doc_attention:{DOC_ATTENTION_BACKEND if hp.doc_isolated_attn else 'off'}")
     ctx.log(f"fused_ce:{int(bool(hp.fused_ce) and fused_ce_supported(ctx.device))} "
             f"triton:{triton.__version__ if triton is not None else 'missing'}")
     sidecar = byte_tables.sidecar is not None

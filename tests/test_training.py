@@ -76,7 +76,7 @@ def test_dry_run_prints_config_and_parameter_count():
     r = run_script({"DRY_RUN": "1", "CUDA_VISIBLE_DEVICES": ""})
     assert r.returncode == 0, r.stderr
     assert "Hyperparameters:" in r.stdout and "  qk_gain_init: 5.25" in r.stdout
-    assert "model_params:35944536" in r.stdout
+    assert "model_params:35945592" in r.stdout
 
 
 @pytest.mark.parametrize("env,message", [
