@@ -10,6 +10,7 @@ import ast
 import base64
 import copy
 import dataclasses
+import functools
 import glob
 import io
 import json
@@ -58,6 +59,7 @@ class Hyperparameters:
     smoke: int = 0
     dry_run: int = 0
     compile: int = 1
+    compile_scope: str = "blocks"  # blocks: each piece compiled once, shared by all layers; model: the whole model
     # schedule and batch
     iterations: int = 20000
     max_wallclock_seconds: float = 600.0
@@ -83,7 +85,7 @@ class Hyperparameters:
     fused_ce: int = 1  # training loss by the fused Triton kernels (CUDA); the eager CE where Triton is missing
     xsa_last_n: int = 11
     sparse_attn_gate_enabled: int = 1  # per-head sigmoid gate on each attention output, from 12 input channels
-    doc_isolated_attn: int = 1  # training: attention never crosses a BOS (documents in a row do not see each other)
+    doc_isolated_attn: int = 0  # 1: training attention never crosses a BOS; costs ~40% of attention time without FA3
     num_loops: int = 2
     loop_start: int = 3
     loop_end: int = 5
@@ -201,6 +203,8 @@ def validate_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
         errors.append(f"SPARSE_ATTN_GATE_ENABLED=1 reads {ATTN_GATE_WINDOW} channels: MODEL_DIM must be at least that")
     if hp.vocab_size > 65536:
         errors.append("VOCAB_SIZE must be at most 65536 (tokens are stored as uint16)")
+    if hp.compile_scope not in ("blocks", "model"):
+        errors.append(f"COMPILE_SCOPE={hp.compile_scope!r}: use blocks or model")
     if hp.compressor not in ("brotli", "lzma"):
         errors.append(f"COMPRESSOR={hp.compressor!r}: use brotli or lzma")
     if not 2 <= hp.matrix_bits <= 8 or not 2 <= hp.embed_bits <= 8:
@@ -671,8 +675,10 @@ def _pick_attention_backend() -> str:
         pass
     if not torch.cuda.is_available():
         return "sdpa_math"
-    q = torch.randn(4, 8, 2048, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    k = torch.randn(4, 4, 2048, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    # 16 rows: at 4 the timings were within noise and flash was picked on some runs, though at the training shape
+    # (48 rows) cuDNN takes 2.40 ms per fwd+bwd and flash 3.43 (H100, bench/attention.py).
+    q = torch.randn(16, 8, 2048, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(16, 4, 2048, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     v = torch.randn_like(k, requires_grad=True)
     timings = {}
     warnings.filterwarnings("ignore", message=".*kernel not used because.*")
@@ -744,8 +750,10 @@ def sdpa_context():
 
 BOS_ID = 1  # every document starts with BOS (ANCHORS 1.8); prepare_data checks that the tokenizer agrees
 VARLEN_TOKENS_PER_SLOT = 128  # varlen: one sequence slot per this many tokens, on top of one per row
-# On CUDA without FA3 the first of these that this torch has is used; bench/attention.py times both.
-DOC_GPU_BACKENDS = {"varlen": "torch.nn.attention.varlen", "flex": "torch.nn.attention.flex_attention"}
+# On CUDA without FA3 the first of these that this torch has is used. bench/attention.py on an H100 (torch 2.11, 48
+# rows of real training data, fwd+bwd per layer call): flex 3.34 ms + 0.29 ms mask build, torch varlen 4.27 ms with
+# the fixed-length cu_seqlens (3.51 exact), dense cuDNN 2.40 ms. torch's varlen stays as the tested stand-in for FA3's.
+DOC_GPU_BACKENDS = {"flex": "torch.nn.attention.flex_attention", "varlen": "torch.nn.attention.varlen"}
 
 
 def document_ids(ids: Tensor) -> Tensor:
@@ -930,18 +938,25 @@ class Block(nn.Module):
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
-        self.ln_scale = 1.0 / math.sqrt(layer + 1)
-        self.parallel = 0 <= hp.parallel_residual_start <= layer
+        # A buffer, not a Python float: a float would be a constant of the compiled graph, so every layer would
+        # compile its own; a tensor is a graph input. Not persistent: the state dict and the artifact are unchanged.
+        self.register_buffer("ln_scale", torch.tensor(1.0 / math.sqrt(layer + 1)), persistent=False)
+        self.parallel = 0 <= hp.parallel_residual_start <= layer  # structural: one compiled graph per value
+
+    def _norm(self, x: Tensor) -> Tensor:
+        # The product in fp32, then rounded once, as a Python-float factor is applied (a bf16 multiply would round
+        # the scale itself to bf16).
+        return (rms_norm(x).float() * self.ln_scale).to(x.dtype)
 
     def forward(self, x: Tensor, x0: Tensor, doc_mask=None, lora=None) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         if self.parallel:  # GPT-J style: attention and MLP read the same normalized input
-            u = rms_norm(x) * self.ln_scale
+            u = self._norm(x)
             return (x + self.attn_scale.to(x.dtype) * self.attn(u, doc_mask, lora)
                     + self.mlp_scale.to(x.dtype) * self.mlp(u, lora))
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.ln_scale, doc_mask, lora)
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.ln_scale, lora)
+        x = x + self.attn_scale.to(x.dtype) * self.attn(self._norm(x), doc_mask, lora)
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(self._norm(x), lora)
 
 
 def layer_schedule(num_layers: int, loop_start: int, loop_end: int, num_loops: int, looping: bool):
@@ -1065,6 +1080,67 @@ def softcap_cross_entropy(z: Tensor, targets: Tensor, cap: float) -> Tensor:
     return torch.ops.pgolf.softcap_ce(z, targets, cap)[0]
 
 
+# Compilation units. GPT.forward is made of these module-level functions, called through a Regions object: eagerly
+# (EAGER_REGIONS: COMPILE=0, GPTQ calibration hooks, and inside the whole-model compile of COMPILE_SCOPE=model) or each
+# compiled once for the process (COMPILE_SCOPE=blocks). Compiled, every Block runs one of two graphs (sequential or
+# parallel residual; see Block's buffers), whatever the layer and whatever the schedule, so switching the depth loop
+# on compiles nothing. The embedding (a gather and a norm) stays eager: nothing to fuse. The skip mix and the
+# head + softcap + CE are compiled: eager they would materialize several full-size activations or fp32 logits.
+
+COMPILE_BACKEND = "inductor"  # training compiles; tests put "aot_eager" or a counting backend here
+
+
+def run_block(block: Block, x: Tensor, x0: Tensor, doc_mask=None, lora=None) -> Tensor:
+    return block(x, x0, doc_mask, lora)
+
+
+def mix_skip(x: Tensor, skip: Tensor, gate: Tensor, weight: Tensor) -> Tensor:
+    """U-Net skip: a learned per-channel gate between the stream and the weighted encoder output."""
+    g = torch.sigmoid(gate).to(x.dtype)
+    return g * x + (1 - g) * (weight.to(x.dtype) * skip)
+
+
+def head_loss(model: GPT, h: Tensor, targets: Tensor) -> Tensor:
+    """Mean training CE. The fused kernels take z as produced (bf16 under autocast), never an fp32 copy."""
+    z = model.pre_softcap_logits(h)
+    if model.fused_ce and fused_ce_supported(z.device):
+        return softcap_cross_entropy(z.flatten(0, -2), targets.flatten(), model.softcap).mean()
+    logits = model.softcap * torch.tanh(z.float() / model.softcap)
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+
+
+class Regions:
+    """regions(fn) is fn itself (backend None) or fn compiled once for the process with `backend` (static shapes,
+    one graph). Modules are arguments, never closures, so every block and every model copy share the graphs."""
+
+    def __init__(self, backend=None):
+        self.backend, self._compiled = backend, {}
+
+    def __call__(self, fn):
+        if self.backend is None:
+            return fn
+        if fn not in self._compiled:
+            self._compiled[fn] = torch.compile(fn, fullgraph=True, dynamic=False, backend=self.backend)
+        return self._compiled[fn]
+
+
+EAGER_REGIONS = Regions()
+_COMPILED_REGIONS: dict = {}
+
+# Graphs the block region needs in a full run: 2 variants x 3 (training, no-grad eval and TTT batch shapes) = 6, of
+# dynamo's default limit of 8 per function; past the limit it stops compiling the function, so there is room here.
+REGION_RECOMPILE_LIMIT = 64
+
+
+def compiled_regions(backend) -> Regions:
+    """The process-wide compiled regions for a backend: training and evaluation share their graphs."""
+    if backend not in _COMPILED_REGIONS:
+        # cache_size_limit: the name every torch 2.x knows (newer ones alias it as recompile_limit)
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, REGION_RECOMPILE_LIMIT)
+        _COMPILED_REGIONS[backend] = Regions(backend)
+    return _COMPILED_REGIONS[backend]
+
+
 class GPT(nn.Module):
     def __init__(self, hp: Hyperparameters):
         super().__init__()
@@ -1097,19 +1173,23 @@ class GPT(nn.Module):
     # isolate_docs: attention stops at BOS (training with DOC_ISOLATED_ATTN=1); evaluation passes False.
     # `lora` (test-time training, section 7; None everywhere else): lora.layer(k) is the adapter of virtual layer k
     # (each pass of a looped layer has its own), called as adapter(name, u) -> additive delta; lora.head(h) -> logits.
-    def hidden(self, ids: Tensor, isolate_docs: bool = False, lora=None) -> Tensor:
+    def hidden(self, ids: Tensor, isolate_docs: bool = False, lora=None, regions: Regions = EAGER_REGIONS) -> Tensor:
+        block, mix = regions(run_block), regions(mix_skip)
         doc_mask = document_mask(ids) if isolate_docs else None  # built once, shared by every layer
-        x = x0 = rms_norm(self.tok_emb(ids))
+        x0 = rms_norm(self.tok_emb(ids))
+        # The views are free and keep the arguments of a region distinct objects: a compiled region guards on
+        # `x is x0`, so the first block (x = x0) and the first skip (the last encoder output) would otherwise each
+        # compile a graph of their own.
+        x = x0.view_as(x0)
         encoder, decoder = self.schedules[self.looping]
         skips = []
         for k, i in enumerate(encoder):
-            x = self.blocks[i](x, x0, doc_mask, None if lora is None else lora.layer(k))
-            skips.append(x)
+            x = block(self.blocks[i], x, x0, doc_mask, None if lora is None else lora.layer(k))
+            skips.append(x.view_as(x))
         for k, i in enumerate(decoder):
             if k < self.skip_weights.size(0) and skips:
-                g = torch.sigmoid(self.skip_gates[k]).to(x.dtype)
-                x = g * x + (1 - g) * (self.skip_weights[k].to(x.dtype) * skips.pop())
-            x = self.blocks[i](x, x0, doc_mask, None if lora is None else lora.layer(len(encoder) + k))
+                x = mix(x, skips.pop(), self.skip_gates[k], self.skip_weights[k])
+            x = block(self.blocks[i], x, x0, doc_mask, None if lora is None else lora.layer(len(encoder) + k))
         return self.final_norm(x)
 
     def pre_softcap_logits(self, h: Tensor, lora=None) -> Tensor:
@@ -1122,13 +1202,9 @@ class GPT(nn.Module):
     def forward_logits(self, ids: Tensor, isolate_docs: bool = False) -> Tensor:
         return self.logits(self.hidden(ids, isolate_docs))
 
-    def forward(self, ids: Tensor, targets: Tensor, isolate_docs: bool = False) -> Tensor:
-        """Mean training CE. The fused kernels take z as produced (bf16 under autocast), never an fp32 copy."""
-        z = self.pre_softcap_logits(self.hidden(ids, isolate_docs))
-        if self.fused_ce and fused_ce_supported(z.device):
-            return softcap_cross_entropy(z.flatten(0, -2), targets.flatten(), self.softcap).mean()
-        logits = self.softcap * torch.tanh(z.float() / self.softcap)
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+    def forward(self, ids: Tensor, targets: Tensor, isolate_docs: bool = False,
+                regions: Regions = EAGER_REGIONS) -> Tensor:
+        return regions(head_loss)(self, self.hidden(ids, isolate_docs, regions=regions), targets)
 
 
 CONTROL_PARAM_NAMES = ("q_gain", "attn_scale", "mlp_scale", "resid_mix", "skip_weights", "skip_gates", "attn_gate_w")
@@ -1187,7 +1263,9 @@ class Muon(torch.optim.Optimizer):
         super().__init__(groups, dict(lr=lr, base_lr=lr, momentum=momentum, weight_decay=weight_decay))
         self.backend_steps, self.row_normalize, self.polar_express = backend_steps, row_normalize, polar_express
         self.rank, self.world_size = rank, world_size
-        self.ns = torch.compile(newton_schulz, fullgraph=True, dynamic=False) if compile_ns else newton_schulz
+        # One graph per matrix shape (4 with the defaults); the arguments other than G are constants, so never more.
+        self.ns = (torch.compile(newton_schulz, fullgraph=True, dynamic=False, backend=COMPILE_BACKEND) if compile_ns
+                   else newton_schulz)
 
     @torch.no_grad()
     def step(self):
@@ -1333,6 +1411,22 @@ def all_reduce_max(ctx: RunContext, value: float) -> float:
     return float(t.item())
 
 
+def training_regions(hp: Hyperparameters) -> Regions:
+    """COMPILE_SCOPE=blocks: the compiled regions (section 3). COMPILE=0 or COMPILE_SCOPE=model (the Trainer then
+    compiles the whole model, which traces the eager regions into one graph per layer schedule): the eager ones."""
+    if not hp.compile or hp.compile_scope != "blocks":
+        return EAGER_REGIONS
+    # DDP would otherwise split every region's graph at its gradient-bucket boundaries; the regions are small and
+    # the reducer already overlaps each block's all-reduce with the backward of the blocks before it.
+    torch._dynamo.config.optimize_ddp = False
+    return compiled_regions(COMPILE_BACKEND)
+
+
+def compiled_graph_count() -> int:
+    """Graphs dynamo has compiled in this process (all backends): the compile warm-up logs it."""
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
 class Trainer:
     """Owns the model, its compiled/DDP wrapper, the optimizers, the EMA and the data loader."""
 
@@ -1340,7 +1434,9 @@ class Trainer:
         self.hp, self.ctx, self.model, self.train_files = hp, ctx, model, train_files
         self.grad_accum = 8 // ctx.world_size
         self.micro_seqs = hp.train_batch_tokens // (ctx.world_size * self.grad_accum * hp.train_seq_len)
-        compiled = torch.compile(model, fullgraph=True, dynamic=False) if hp.compile else model
+        compiled, self.regions = model, training_regions(hp)
+        if hp.compile and hp.compile_scope == "model":
+            compiled = torch.compile(model, fullgraph=True, dynamic=False, backend=COMPILE_BACKEND)
         if ctx.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -1363,7 +1459,7 @@ class Trainer:
             last = micro == self.grad_accum - 1
             sync_ctx = self.train_model.no_sync() if self.ctx.distributed and not last else nullcontext()
             with sync_ctx, self.ctx.autocast(), sdpa_context():
-                loss = self.train_model(x, y, isolate_docs=bool(self.hp.doc_isolated_attn))
+                loss = self.train_model(x, y, bool(self.hp.doc_isolated_attn), self.regions)
             (loss / self.grad_accum).backward()
             total += loss.detach()
         if self.hp.grad_clip_norm > 0:
@@ -1379,24 +1475,31 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
         return total / self.grad_accum
 
-    def compile_warmup(self):
+    def compile_warmup(self) -> list[int]:
         """Compile the plain and the looped graphs on training batches, then restore the initial state.
 
         Real steps are run (so optimizer kernels compile too); model and optimizer states are snapshotted before and
         restored after, and the loader restarts, so training proper starts exactly from the initialization.
+        Returns the number of graphs each phase compiled (plain, then looped).
         """
         hp, ctx = self.hp, self.ctx
         if hp.warmup_steps <= 0:
-            return
+            return []
         model_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         opt_states = [copy.deepcopy(opt.state_dict()) for opt in self.optimizers]
         phases = [False, True] if hp.num_loops > 0 else [False]
+        new_graphs = []
         for looping in phases:
             self.model.looping = looping
-            for i in range(hp.warmup_steps):
+            # Compiled regions run the looped schedule on the plain phase's graphs: one step proves it (the log shows
+            # +0 graphs) and grows the allocator to the looped activations.
+            steps = 1 if looping and self.regions is not EAGER_REGIONS else hp.warmup_steps
+            graphs_before = compiled_graph_count()
+            for i in range(steps):
                 self.step(i, 1.0)
-                if i + 1 in (1, 2, 3, 4, 5, 6, hp.warmup_steps) or (i + 1) % 10 == 0:
-                    ctx.log(f"{'loop_warmup_step' if looping else 'warmup_step'}: {i + 1}/{hp.warmup_steps}")
+                if i + 1 in (1, 2, 3, 4, 5, 6, steps) or (i + 1) % 10 == 0:
+                    ctx.log(f"{'loop_warmup_step' if looping else 'warmup_step'}: {i + 1}/{steps}")
+            new_graphs.append(compiled_graph_count() - graphs_before)
         self.model.looping = False
         self.model.load_state_dict(model_state)
         for opt, state in zip(self.optimizers, opt_states):
@@ -1405,6 +1508,7 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
         self.new_loader()
         ctx.sync()
+        return new_graphs
 
 
 def train(hp: Hyperparameters, ctx: RunContext, trainer: Trainer, budget_ms: float, validate) -> dict:
@@ -2241,25 +2345,33 @@ def _rank_share(n: int, ctx: RunContext) -> tuple[int, int]:
     return n * ctx.rank // ctx.world_size, n * (ctx.rank + 1) // ctx.world_size
 
 
-def _window_losses(model: nn.Module, x: Tensor, y: Tensor, lo: int) -> Tensor:
-    """fp32 CE of in-window positions lo..T-1. Compiled with the model, so the fp32 logits are fused into the CE."""
-    logits = model.forward_logits(x)[:, lo:]
+def _window_ce(model: nn.Module, h: Tensor, y: Tensor, lo: int) -> Tensor:
+    logits = model.logits(h)[:, lo:]
     return F.cross_entropy(logits.float().flatten(0, 1), y[:, lo:].flatten(), reduction="none").view(y.shape[0], -1)
 
 
-def _train_loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    return model(x, y)
+def _window_losses(model: nn.Module, x: Tensor, y: Tensor, lo: int, regions: Regions = EAGER_REGIONS) -> Tensor:
+    """fp32 CE of in-window positions lo..T-1. The head is compiled with the CE, so the fp32 logits are fused in."""
+    return regions(_window_ce)(model, model.hidden(x, regions), y, lo)
+
+
+def _train_loss(model: nn.Module, x: Tensor, y: Tensor, regions: Regions = EAGER_REGIONS) -> Tensor:
+    return model(x, y, regions=regions)
 
 
 _COMPILED: dict = {}
 
 
 def _compiled(fn, hp: Hyperparameters, dynamic: bool = False):
-    """One compiled wrapper per function for the process. The model is an argument, not a closure, so every copy of
-    the architecture (quantized model, TTT copy) runs the graphs compiled in eval_warmup. dynamic=True: one graph
-    for all sizes of the inputs' dimensions (parameters keep static shapes)."""
+    """fn (model, ...) as evaluation runs it. COMPILE_SCOPE=blocks (static shapes): with the process-wide compiled
+    regions (section 3), shared with training. COMPILE_SCOPE=model, or dynamic=True (one graph for all sizes of the
+    inputs' dimensions, as the LoRA TTT needs): one compiled wrapper of the whole fn per process. Either way the model
+    is an argument, not a closure, so every copy of the architecture (quantized model, TTT copy) runs the graphs
+    compiled in eval_warmup."""
     if not hp.compile:
         return fn
+    if hp.compile_scope == "blocks" and not dynamic:
+        return functools.partial(fn, regions=compiled_regions(EVAL_COMPILE_BACKEND))
     key = (fn, EVAL_COMPILE_BACKEND, dynamic)
     if key not in _COMPILED:
         _COMPILED[key] = torch.compile(fn, dynamic=dynamic, fullgraph=True, backend=EVAL_COMPILE_BACKEND)
@@ -3085,6 +3197,23 @@ def setup_distributed() -> RunContext:
     return RunContext(rank=rank, world_size=world, local_rank=local_rank, device=device)
 
 
+def log_compile_cache(hp: Hyperparameters, ctx: RunContext) -> None:
+    """Where inductor keeps its on-disk caches (FX graphs, AOTAutograd, autotuning, Triton kernels): a second run on
+    the same machine finds its graphs there and starts faster (README: compile cache)."""
+    if not hp.compile:
+        return
+    try:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+        path = cache_dir()  # TORCHINDUCTOR_CACHE_DIR, else /tmp/torchinductor_<user>
+    except ImportError:
+        path = os.environ.get("TORCHINDUCTOR_CACHE_DIR", "/tmp/torchinductor_<user>")
+    state = "warm" if os.path.isdir(path) and any(os.scandir(path)) else "empty"
+    ctx.log(f"compile_cache: {path} ({state}; TORCHINDUCTOR_CACHE_DIR moves it) "
+            f"fx_graph_cache:{int(torch._inductor.config.fx_graph_cache)} "
+            f"autograd_cache:{int(torch._functorch.config.enable_autograd_cache)}")
+
+
 def dry_run(hp: Hyperparameters) -> None:
     with torch.device("meta"):
         model = GPT(hp)
@@ -3179,8 +3308,9 @@ def train_and_quantize(hp, ctx, train_files, val_tokens, tables, script, artifac
     trainer = Trainer(hp, ctx, model, train_files)
     ctx.log(f"grad_accum_steps:{trainer.grad_accum} micro_batch_seqs:{trainer.micro_seqs}")
     t_warm = time.perf_counter()
-    trainer.compile_warmup()
-    ctx.log(f"compile_warmup: {time.perf_counter() - t_warm:.1f}s")
+    graphs = trainer.compile_warmup()
+    ctx.log(f"compile_warmup: {time.perf_counter() - t_warm:.1f}s graphs per phase (plain, looped): {graphs} "
+            f"COMPILE={hp.compile} COMPILE_SCOPE={hp.compile_scope}")
     reserve_s = measure_gptq_reserve(hp, ctx, model, train_files, trainer.micro_seqs)
     budget_ms = hp.max_wallclock_seconds * 1000 - reserve_s * 1000 if hp.max_wallclock_seconds > 0 else 0.0
     ctx.log(f"gptq:reserving {reserve_s:.1f}s, effective={budget_ms:.0f}ms")
@@ -3255,6 +3385,7 @@ def main() -> None:
     dense = configure_attention()
     ctx.log(f"world_size:{ctx.world_size} device:{gpu} torch:{torch.__version__} python:{sys.version.split()[0]} "
             f"attention:{dense} doc_attention:{DOC_ATTENTION_BACKEND if hp.doc_isolated_attn else 'off'}")
+    log_compile_cache(hp, ctx)
     ctx.log(f"fused_ce:{int(bool(hp.fused_ce) and fused_ce_supported(ctx.device))} "
             f"triton:{triton.__version__ if triton is not None else 'missing'}")
     sidecar = byte_tables.sidecar is not None

@@ -2,6 +2,7 @@
 phases never compile or recompile. A counting backend stands in for inductor, so this runs in seconds on CPU."""
 import dataclasses
 
+import pytest
 import torch
 import torch._dynamo
 from torch._dynamo.testing import CompileCounter
@@ -9,8 +10,9 @@ from torch._dynamo.testing import CompileCounter
 from eval_helpers import make_ctx, make_model, smoke_hp, smoke_stream, tg
 
 
-def test_timed_phases_run_only_graphs_compiled_in_warmup(smoke_data, monkeypatch):
-    hp = smoke_hp(compile=1)
+@pytest.mark.parametrize("scope", ["blocks", "model"])
+def test_timed_phases_run_only_graphs_compiled_in_warmup(smoke_data, monkeypatch, scope):
+    hp = smoke_hp(compile=1, compile_scope=scope)
     tokens, tables = smoke_stream(smoke_data, hp, n_targets=2 * hp.ttt_chunk_tokens + 300)
     counter = CompileCounter()
     monkeypatch.setattr(tg, "EVAL_COMPILE_BACKEND", counter)

@@ -84,6 +84,7 @@ def test_dry_run_prints_config_and_parameter_count():
     ({"MATRIX_LR": "fast"}, "MATRIX_LR='fast' is not a valid float"),
     ({"LOOP_END": "20"}, "LOOP_END"),
     ({"COMPRESSOR": "zip"}, "COMPRESSOR"),
+    ({"COMPILE_SCOPE": "layers"}, "COMPILE_SCOPE='layers': use blocks or model"),
 ])
 def test_invalid_configuration_fails_with_what_to_set(env, message):
     r = run_script({"DRY_RUN": "1", **env})
