@@ -151,9 +151,9 @@ def test_training_step_isolates_documents(smoke_data, monkeypatch):
     seen = []
     real = tg.GPT.forward
 
-    def spy(self, ids, targets, isolate_docs=False):
+    def spy(self, ids, targets, isolate_docs=False, regions=tg.EAGER_REGIONS):
         seen.append((isolate_docs, bool((ids[:, 1:] == tg.BOS_ID).any())))
-        return real(self, ids, targets, isolate_docs)
+        return real(self, ids, targets, isolate_docs, regions)
 
     monkeypatch.setattr(tg.GPT, "forward", spy)
     tg.configure_attention("sdpa_math")
