@@ -1173,7 +1173,7 @@ class GPT(nn.Module):
     # isolate_docs: attention stops at BOS (training with DOC_ISOLATED_ATTN=1); evaluation passes False.
     # `lora` (test-time training, section 7; None everywhere else): lora.layer(k) is the adapter of virtual layer k
     # (each pass of a looped layer has its own), called as adapter(name, u) -> additive delta; lora.head(h) -> logits.
-    def hidden(self, ids: Tensor, isolate_docs: bool = False, lora=None, regions: Regions = EAGER_REGIONS) -> Tensor:
+    def hidden(self, ids: Tensor, *, isolate_docs: bool = False, lora=None, regions: Regions = EAGER_REGIONS) -> Tensor:
         block, mix = regions(run_block), regions(mix_skip)
         doc_mask = document_mask(ids) if isolate_docs else None  # built once, shared by every layer
         x0 = rms_norm(self.tok_emb(ids))
@@ -1200,11 +1200,11 @@ class GPT(nn.Module):
         return self.softcap * torch.tanh(self.pre_softcap_logits(h, lora).float() / self.softcap)
 
     def forward_logits(self, ids: Tensor, isolate_docs: bool = False) -> Tensor:
-        return self.logits(self.hidden(ids, isolate_docs))
+        return self.logits(self.hidden(ids, isolate_docs=isolate_docs))
 
     def forward(self, ids: Tensor, targets: Tensor, isolate_docs: bool = False,
                 regions: Regions = EAGER_REGIONS) -> Tensor:
-        return regions(head_loss)(self, self.hidden(ids, isolate_docs, regions=regions), targets)
+        return regions(head_loss)(self, self.hidden(ids, isolate_docs=isolate_docs, regions=regions), targets)
 
 
 CONTROL_PARAM_NAMES = ("q_gain", "attn_scale", "mlp_scale", "resid_mix", "skip_weights", "skip_gates", "attn_gate_w")
@@ -2352,7 +2352,7 @@ def _window_ce(model: nn.Module, h: Tensor, y: Tensor, lo: int) -> Tensor:
 
 def _window_losses(model: nn.Module, x: Tensor, y: Tensor, lo: int, regions: Regions = EAGER_REGIONS) -> Tensor:
     """fp32 CE of in-window positions lo..T-1. The head is compiled with the CE, so the fp32 logits are fused in."""
-    return regions(_window_ce)(model, model.hidden(x, regions), y, lo)
+    return regions(_window_ce)(model, model.hidden(x, regions=regions), y, lo)
 
 
 def _train_loss(model: nn.Module, x: Tensor, y: Tensor, regions: Regions = EAGER_REGIONS) -> Tensor:

@@ -144,3 +144,20 @@ def test_unlabelled_eval_is_silent_and_off_the_ledger(smoke_data):
     ctx = make_ctx()
     result = tg.eval_val(make_model(hp), tokens, tables, hp, ctx, label=None, counted=False)
     assert result.covered and not ctx.log and ctx.counted_eval_seconds == 0
+
+
+def test_evaluation_attends_across_documents(smoke_data):
+    """Evaluation is dense causal over the stream, as in the records: its per-target losses are the CE of the model's
+    plain forward, even with BOS tokens inside the window (document isolation is a training-only option)."""
+    hp = smoke_hp()
+    T = hp.eval_seq_len
+    tokens, tables = smoke_stream(smoke_data, hp, n_targets=T)
+    assert bool((tokens[1:T] == tg.BOS_ID).any())  # the window holds a document boundary
+    model = make_model(hp)
+    plain = tg.eval_val(model, tokens, tables, hp, make_ctx(), return_losses=True)
+    with torch.no_grad():
+        logits = model.forward_logits(tokens[:T][None])[0]
+        dense = torch.nn.functional.cross_entropy(logits.float(), tokens[1:T + 1], reduction="none")
+        isolated = model.forward_logits(tokens[:T][None], isolate_docs=True)[0]
+    torch.testing.assert_close(plain.target_losses.float(), dense, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(logits, isolated, atol=1e-4)  # the check is sensitive to isolation
