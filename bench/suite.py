@@ -254,7 +254,7 @@ def parse_run(artifact_dir: Path) -> dict:
     evaluation = parse_evaluation(log, hp)
     return {
         "run": {"gpu": gpu, "world_size": world, "torch": grab(r" torch:(\S+)", log, str),
-                "attention": grab(r" attention:(\S+)$", log, str), "model_params": grab(r"^model_params:(\d+)", log, int),
+                "attention": grab(r" attention:(\S+)", log, str), "model_params": grab(r"^model_params:(\d+)", log, int),
                 "train_batch_tokens": hp.train_batch_tokens if hp else None,
                 "max_wallclock_seconds": hp.max_wallclock_seconds if hp else None},
         "training": parse_training(log, train, hp, world, gpu),
