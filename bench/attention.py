@@ -26,7 +26,6 @@ import glob
 import json
 import math
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -38,7 +37,8 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import train_gpt as tg  # noqa: E402
+import train_gpt as tg
+from cuda_timing import median_ms  # noqa: E402
 
 T, H, HKV, D = 2048, 8, 4, 64
 CHECK_ROWS = 2  # rows compared against the fp32 reference
@@ -83,21 +83,6 @@ def exact_cu_seqlens(ids: torch.Tensor) -> torch.Tensor:
     pos = torch.arange(B * T, device=ids.device)
     starts = torch.nonzero((flat == tg.BOS_ID) | (pos % T == 0)).flatten()
     return torch.cat((starts, starts.new_full((1,), B * T))).to(torch.int32)
-
-
-def median_ms(fn, iters: int) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
 
 
 def reference(q, k, v, ids, grad, isolated: bool):

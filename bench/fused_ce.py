@@ -16,7 +16,6 @@ Prints tables and writes <out>/fused_ce.json (out: --out, else $OUT, else bench_
 import argparse
 import json
 import os
-import statistics
 import tempfile
 import sys
 import time
@@ -27,7 +26,8 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import train_gpt as tg  # noqa: E402
+import train_gpt as tg
+from cuda_timing import median_ms  # noqa: E402
 
 CAP = 30.0
 
@@ -92,19 +92,6 @@ def check_wrapped(folder: Path) -> dict:
 
 # ----- timing ---------------------------------------------------------------------------------------------------------
 
-def time_ms(fn, iters: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
 
 def peak_mib(fn) -> float:
     torch.cuda.synchronize()
@@ -132,7 +119,7 @@ def bench_variant(name: str, loss_fn, inputs: list, targets, iters: int) -> dict
         forward_backward()  # compiles, if compiled
         torch.cuda.synchronize()
         first_s = time.perf_counter() - t0
-        return dict(variant=name, fwd_ms=time_ms(forward, iters), fwd_bwd_ms=time_ms(forward_backward, iters),
+        return dict(variant=name, fwd_ms=median_ms(forward, iters), fwd_bwd_ms=median_ms(forward_backward, iters),
                     peak_fwd_bwd_mib=peak_mib(forward_backward), first_call_s=first_s)
     except Exception as e:  # report and go on: one failing variant should not hide the others
         return dict(variant=name, error=f"{type(e).__name__}: {e}"[:500])

@@ -1,0 +1,20 @@
+"""Shared by the GPU micro-benchmarks (run as `python3 bench/<name>.py`, so this folder is on sys.path)."""
+import statistics
+
+import torch
+
+
+def median_ms(fn, iters: int) -> float:
+    """Median CUDA-event time of fn() in ms, after 3 untimed calls (compile, autotune, allocator growth)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
