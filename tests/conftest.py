@@ -1,3 +1,4 @@
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -22,3 +23,13 @@ def shared_file(*parts) -> Path:
     if not path.exists():
         pytest.skip(f"{path} not present (../shared/data is absent on this machine)")
     return path
+
+
+@pytest.fixture
+def forbid_recompiles():
+    """Call it to make every later recompilation in the test an error, until teardown. Not monkeypatch.setattr: newer
+    pytest undoes that on torch's config module with delattr, which hides the option from torch for the session."""
+    import torch
+
+    with contextlib.ExitStack() as stack:
+        yield lambda: stack.enter_context(torch._dynamo.config.patch(error_on_recompile=True))

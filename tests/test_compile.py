@@ -21,7 +21,8 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-def test_blocks_scope_compiles_few_graphs_and_none_when_looping_switches_on(smoke_data, tmp_path, monkeypatch):
+def test_blocks_scope_compiles_few_graphs_and_none_when_looping_switches_on(smoke_data, tmp_path, monkeypatch,
+                                                                            forbid_recompiles):
     counter = CompileCounter()
     monkeypatch.setattr(tg, "COMPILE_BACKEND", counter)
     hp, ctx, trainer = make_trainer(smoke_data, tmp_path, COMPILE="1", COMPILE_SCOPE="blocks", WARMUP_STEPS="2")
@@ -30,7 +31,7 @@ def test_blocks_scope_compiles_few_graphs_and_none_when_looping_switches_on(smok
     # Plain phase: sequential block, parallel block, skip mix, head + loss. Looped phase: nothing new.
     assert trainer.compile_warmup() == [4, 0]
     assert counter.frame_count == 4
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    forbid_recompiles()
     trainer.model.looping = True
     trainer.step(0, 1.0)
     trainer.model.eval()  # the train/eval flag is not a guard either (validation leaves the model in eval mode)

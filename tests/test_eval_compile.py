@@ -11,7 +11,7 @@ from eval_helpers import make_ctx, make_model, smoke_hp, smoke_stream, tg
 
 
 @pytest.mark.parametrize("scope", ["blocks", "model"])
-def test_timed_phases_run_only_graphs_compiled_in_warmup(smoke_data, monkeypatch, scope):
+def test_timed_phases_run_only_graphs_compiled_in_warmup(smoke_data, monkeypatch, scope, forbid_recompiles):
     hp = smoke_hp(compile=1, compile_scope=scope)
     tokens, tables = smoke_stream(smoke_data, hp, n_targets=2 * hp.ttt_chunk_tokens + 300)
     counter = CompileCounter()
@@ -22,7 +22,7 @@ def test_timed_phases_run_only_graphs_compiled_in_warmup(smoke_data, monkeypatch
     tg.eval_warmup(model, hp, ctx)
     compiled_in_warmup = counter.frame_count
     assert compiled_in_warmup >= 3  # scoring from position 0, from T - stride, and the TTT training step
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    forbid_recompiles()
     plain = tg.eval_val(model, tokens, tables, hp, ctx, return_losses=True)
     sliding = tg.eval_val_sliding(model, tokens, tables, hp, ctx, return_losses=True)
     ttt = tg.eval_val_ttt(make_model(hp), tokens, tables, hp, ctx, return_losses=True)  # a fresh instance, as in main

@@ -1,5 +1,6 @@
 """Two gloo ranks give the results of one process: plain, sliding and TTT (windows, TTT sequences and gradients
 split across ranks; one flat gradient all-reduce)."""
+import datetime
 import math
 import os
 
@@ -15,7 +16,8 @@ N_TARGETS = 2100  # 3 TTT chunks, 2 of them trained on; 2100 / 128 is not whole,
 
 def _worker(rank: int, world_size: int, data: tuple[str, str], out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=world_size)
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=300))  # a lost rank fails the test, not CI
     try:
         hp = smoke_hp()
         tokens, tables = smoke_stream(data, hp, N_TARGETS)
