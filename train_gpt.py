@@ -1110,17 +1110,18 @@ def head_loss(model: GPT, h: Tensor, targets: Tensor) -> Tensor:
 
 
 class Regions:
-    """regions(fn) is fn itself (backend None) or fn compiled once for the process with `backend` (static shapes,
-    one graph). Modules are arguments, never closures, so every block and every model copy share the graphs."""
+    """regions(fn) is fn itself (backend None) or fn compiled once for the process with `backend`: static shapes
+    (training, evaluation), or dynamic ones (LoRA TTT: one graph for every row count >= 2 and window length).
+    Modules are arguments, never closures, so every block and every model copy share the graphs."""
 
-    def __init__(self, backend=None):
-        self.backend, self._compiled = backend, {}
+    def __init__(self, backend=None, dynamic: bool = False):
+        self.backend, self.dynamic, self._compiled = backend, dynamic, {}
 
     def __call__(self, fn):
         if self.backend is None:
             return fn
         if fn not in self._compiled:
-            self._compiled[fn] = torch.compile(fn, fullgraph=True, dynamic=False, backend=self.backend)
+            self._compiled[fn] = torch.compile(fn, fullgraph=True, dynamic=self.dynamic, backend=self.backend)
         return self._compiled[fn]
 
 
@@ -1132,13 +1133,15 @@ _COMPILED_REGIONS: dict = {}
 REGION_RECOMPILE_LIMIT = 64
 
 
-def compiled_regions(backend) -> Regions:
+def compiled_regions(backend, dynamic: bool = False) -> Regions:
     """The process-wide compiled regions for a backend: training and evaluation share their graphs."""
-    if backend not in _COMPILED_REGIONS:
+    if (backend, dynamic) not in _COMPILED_REGIONS:
         # cache_size_limit: the name every torch 2.x knows (newer ones alias it as recompile_limit)
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, REGION_RECOMPILE_LIMIT)
-        _COMPILED_REGIONS[backend] = Regions(backend)
-    return _COMPILED_REGIONS[backend]
+        if dynamic:  # sizes that happen to be equal (64 rows, head_dim 64) must not become a guard and a recompile
+            torch.fx.experimental._config.use_duck_shape = False
+        _COMPILED_REGIONS[backend, dynamic] = Regions(backend, dynamic)
+    return _COMPILED_REGIONS[backend, dynamic]
 
 
 class GPT(nn.Module):
@@ -2363,15 +2366,15 @@ _COMPILED: dict = {}
 
 
 def _compiled(fn, hp: Hyperparameters, dynamic: bool = False):
-    """fn (model, ...) as evaluation runs it. COMPILE_SCOPE=blocks (static shapes): with the process-wide compiled
-    regions (section 3), shared with training. COMPILE_SCOPE=model, or dynamic=True (one graph for all sizes of the
-    inputs' dimensions, as the LoRA TTT needs): one compiled wrapper of the whole fn per process. Either way the model
-    is an argument, not a closure, so every copy of the architecture (quantized model, TTT copy) runs the graphs
-    compiled in eval_warmup."""
+    """fn (model, ...) as evaluation runs it. COMPILE_SCOPE=blocks: with the process-wide compiled regions (section
+    3), the static ones shared with training; dynamic=True (one graph for all sizes of the inputs' dimensions, as the
+    LoRA TTT needs) has regions of its own. COMPILE_SCOPE=model: one compiled wrapper of the whole fn per process.
+    Either way the model is an argument, not a closure, so every copy of the architecture (quantized model, TTT copy)
+    runs the graphs compiled in eval_warmup."""
     if not hp.compile:
         return fn
-    if hp.compile_scope == "blocks" and not dynamic:
-        return functools.partial(fn, regions=compiled_regions(EVAL_COMPILE_BACKEND))
+    if hp.compile_scope == "blocks":
+        return functools.partial(fn, regions=compiled_regions(EVAL_COMPILE_BACKEND, dynamic))
     key = (fn, EVAL_COMPILE_BACKEND, dynamic)
     if key not in _COMPILED:
         _COMPILED[key] = torch.compile(fn, dynamic=dynamic, fullgraph=True, backend=EVAL_COMPILE_BACKEND)
@@ -2734,28 +2737,40 @@ class BatchedLoRA(nn.Module):
         return _LoRARows(self, n)
 
 
+class LoRAAdapter:
+    """One virtual layer's adapters for the rows of a forward: adapter(name, u) = (u Aᵀ) Bᵀ · alpha/rank with
+    A[name] [rows, r, in] and B[name] [rows, out, r]. The tensors are attributes, not closure cells: a compiled block
+    guards on their shapes only, so every layer's adapter runs the same graph."""
+
+    def __init__(self, A: dict, B: dict, scale: float):
+        self.A, self.B, self.scale = A, B, scale
+
+    def __call__(self, name: str, u: Tensor) -> Tensor:
+        return torch.bmm(torch.bmm(u, self.A[name].transpose(1, 2)), self.B[name].transpose(1, 2)) * self.scale
+
+
 class _LoRARows:
     """The last n slots of a BatchedLoRA, in the interface GPT.hidden and GPT.logits take."""
 
     def __init__(self, lora: BatchedLoRA, n: int):
         self.lora, self.n = lora, n
 
-    def delta(self, A: Tensor, B: Tensor, u: Tensor) -> Tensor:
-        A, B = A[-self.n:], B[-self.n:]
-        return torch.bmm(torch.bmm(u, A.transpose(1, 2)), B.transpose(1, 2)) * self.lora.scale
-
-    def layer(self, k: int):
-        return lambda name, u: self.delta(self.lora.A[name][k], self.lora.B[name][k], u)
+    def layer(self, k: int) -> LoRAAdapter:
+        n, lora = self.n, self.lora
+        return LoRAAdapter({t: A[k, -n:] for t, A in lora.A.items()}, {t: B[k, -n:] for t, B in lora.B.items()},
+                           lora.scale)
 
     def head(self, h: Tensor) -> Tensor:
-        return self.delta(self.lora.head_A, self.lora.head_B, h)
+        return LoRAAdapter({"head": self.lora.head_A[-self.n:]}, {"head": self.lora.head_B[-self.n:]},
+                           self.lora.scale)("head", h)
 
 
-def _lora_chunk_losses(model: GPT, lora: BatchedLoRA, x: Tensor, sel: Tensor, y_sel: Tensor) -> Tensor:
+def _lora_chunk_losses(model: GPT, lora: BatchedLoRA, x: Tensor, sel: Tensor, y_sel: Tensor,
+                       regions: Regions = EAGER_REGIONS) -> Tensor:
     """fp32 CE at the window positions sel [rows, C] (a row's chunk is the end of its window): the LM head runs on
     those positions only, not on the whole window."""
     adapters = lora.rows(x.size(0))
-    h = model.hidden(x, lora=adapters)
+    h = model.hidden(x, lora=adapters, regions=regions)
     h = h.gather(1, sel.unsqueeze(-1).expand(-1, -1, h.size(-1)))
     return F.cross_entropy(model.logits(h, adapters).flatten(0, 1), y_sel.flatten(), reduction="none").view_as(y_sel)
 
@@ -2996,7 +3011,7 @@ def eval_warmup(model: nn.Module, hp: Hyperparameters, ctx: RunContext) -> EvalT
 
 
 def _lora_warmup(model: GPT, hp: Hyperparameters, ctx: RunContext, generator) -> tuple[float, float]:
-    """Compile the adapter step (one graph with dynamic shapes for every row count >= 2 and window length), then
+    """Compile the adapter step (graphs with dynamic shapes for every row count >= 2 and window length), then
     time it on a full batch at window TTT_CHUNK_SIZE and at window EVAL_SEQ_LEN. Random tokens and a throwaway
     adapter set; the base weights are frozen meanwhile, as in eval_val_lora_ttt (the graph depends on that)."""
     N, C, T, device = hp.ttt_batch_size, hp.ttt_chunk_size, hp.eval_seq_len, ctx.device

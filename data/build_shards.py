@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import concurrent.futures
 import glob
 import hashlib
 import json
@@ -168,16 +169,18 @@ def encode_in_order(docs, model_path: str, workers: int, caseops_data: bool = Fa
         for task in tasks():
             yield _encode_batch(*task)
         return
-    methods = multiprocessing.get_all_start_methods()
-    ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
-    with ctx.Pool(workers, initializer=_init_encoder, initargs=(model_path, caseops_data)) as pool:
+    # Spawned workers, not forked ones: a fork of a process with threads running (torch's pools, a test runner's)
+    # can deadlock in the child. The executor raises BrokenProcessPool if a worker dies, where a Pool waits forever.
+    spawn = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=spawn, initializer=_init_encoder,
+                                                initargs=(model_path, caseops_data)) as pool:
         pending = collections.deque()
         for task in tasks():
-            pending.append(pool.apply_async(_encode_batch, task))
+            pending.append(pool.submit(_encode_batch, *task))
             if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
+                yield pending.popleft().result()
         while pending:
-            yield pending.popleft().get()
+            yield pending.popleft().result()
 
 
 # ---------------------------------------------------------------------------------------------------------------

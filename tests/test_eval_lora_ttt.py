@@ -314,22 +314,25 @@ def test_artifact_evaluation_runs_lora_phased_with_its_lines(stream, monkeypatch
     assert summary["evals"]["quantized_ttt_phased"]["covered"] and "ERROR" not in text
 
 
-def test_adapter_step_compiles_once_in_warmup(stream, monkeypatch, forbid_recompiles):
-    """One graph with dynamic shapes serves every row count and window length of the run, on a fresh model copy;
-    compiled equals eager. (The phases' SGD graph is the score-first TTT step's: tests/test_eval_compile.py.)"""
-    hp = lora_hp(compile=1, phased_ttt_num_phases=0)
+# Graphs with dynamic shapes. Whole model: one. Blocks: the first block (its input needs no grad), sequential and
+# parallel blocks (their input carries the adapters' grad), and the skip mix.
+@pytest.mark.parametrize("scope,graphs", [("model", 1), ("blocks", 4)])
+def test_adapter_step_compiles_once_in_warmup(stream, monkeypatch, forbid_recompiles, scope, graphs):
+    """The warm-up's graphs serve every row count and window length of the run, on a fresh model copy; compiled
+    equals eager. (The phases' SGD graph is the score-first TTT step's: tests/test_eval_compile.py.)"""
+    hp = lora_hp(compile=1, compile_scope=scope, phased_ttt_num_phases=0)
     tokens, tables = stream
     counter = CompileCounter()
     monkeypatch.setattr(tg, "EVAL_COMPILE_BACKEND", counter)
     torch._dynamo.reset()
     model = make_model(hp)
     short, long = tg._lora_warmup(model, hp, make_ctx(), torch.Generator().manual_seed(0))
-    assert counter.frame_count == 1 and 0 < short and 0 < long
+    assert counter.frame_count == graphs and 0 < short and 0 < long
     assert all(p.requires_grad for p in model.parameters())
     forbid_recompiles()
     ctx = make_ctx()
     compiled = tg.eval_val_lora_ttt(make_model(hp), tokens, tables, hp, ctx, return_losses=True).target_losses
-    assert counter.frame_count == 1 and "WARNING" not in "\n".join(ctx.log)
+    assert counter.frame_count == graphs and "WARNING" not in "\n".join(ctx.log)
     eager = lora_losses(make_model(hp), tokens, tables, dataclasses.replace(hp, compile=0))
     torch.testing.assert_close(compiled, eager)
     torch._dynamo.reset()
