@@ -129,7 +129,7 @@ class Hyperparameters:
     sliding_window_enabled: int = 1
     eval_budget_seconds: float = 600.0
     ttt_enabled: int = 1
-    ttt_mode: str = "score_first"  # score_first (ANCHORS 6.1) or lora_phased (6.2)
+    ttt_mode: str = "lora_phased"  # lora_phased (ANCHORS 6.2; scored better within budget: README) or score_first (6.1)
     ttt_lr: float = 0.005
     ttt_epochs: int = 3
     ttt_momentum: float = 0.9
@@ -2654,14 +2654,19 @@ class LoRAPlan:
     boundaries: list[int]  # scored-document counts that start a phase
 
 
+# Window lengths are padded to a multiple of this: on the GPU inductor specializes a dynamic-shape graph on whether a
+# dimension is a multiple of 8 (aligned kernels), so an odd document length compiled new graphs on the eval clock.
+LORA_LENGTH_ALIGN = 8
+
+
 def lora_chunk_steps(preds: np.ndarray, hp: Hyperparameters) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For each chunk index of a batch (preds ascending): rows of the forward (the documents still running, at least
-    2: one row would compile a second graph), its padded window length (at least 2, likewise), and whether an adapter
-    step follows (some document has a later chunk)."""
+    2: one row would compile a second graph), its padded window length (a multiple of LORA_LENGTH_ALIGN, or
+    EVAL_SEQ_LEN, and at least 2, likewise), and whether an adapter step follows (some document has a later chunk)."""
     C, T, longest = hp.ttt_chunk_size, hp.eval_seq_len, int(preds[-1])
     chunk_end = (np.arange(_ceil_div(longest, C)) + 1) * C
     running = len(preds) - np.searchsorted(preds, chunk_end - C, side="right")
-    length = np.minimum(np.minimum(chunk_end, longest), T)
+    length = np.minimum(_ceil_div(np.minimum(chunk_end, longest), LORA_LENGTH_ALIGN) * LORA_LENGTH_ALIGN, T)
     return np.maximum(running, 2), np.maximum(length, 2), chunk_end < longest
 
 

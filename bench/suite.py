@@ -21,7 +21,6 @@ The run is stopped at --deadline seconds (default 570, inside the GPU tool's 600
 logged is still parsed and written, with finished=false.
 """
 import argparse
-import dataclasses
 import json
 import os
 import re
@@ -42,14 +41,13 @@ FIXED_ENV = {"TRAIN_LOG_EVERY": "10", "VAL_LOSS_EVERY": "0"}
 DEFAULT_BUDGET_S = 300.0
 SKIP_RECORDS = 2  # the first metrics records of a phase include its warm-up transients (and, after the switch,
 #                   steps taken before looping was on)
-FULL_VAL_TARGETS = 40_540_160  # sp8192 validation (ANCHORS 1.6)
-FULL_VAL_GPUS = 8
 # Dense bf16 tensor-core peak, TFLOP/s, by a substring of torch.cuda.get_device_name(); first match wins, so the
 # lower-clocked PCIe/NVL parts come before the SXM names ("NVIDIA H100 80GB HBM3", "NVIDIA H200").
 PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.5), ("H200 NVL", 835.5),
                     ("H100", 989.4), ("H200", 989.4), ("A100", 312.0))
+# The TTT line's label names its mode: quantized_ttt (score_first) or quantized_ttt_phased (lora_phased).
 EVAL_LABELS = {"pre_quant": "pre-quantization post-ema", "quantized": "quantized",
-               "sliding": "quantized_sliding_window", "ttt": "quantized_ttt"}
+               "sliding": "quantized_sliding_window", "ttt": "quantized_ttt(?:_phased)?"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -185,16 +183,15 @@ def phase_throughput(train_records: list[dict], looping: bool, tokens_per_step: 
 def parse_eval(log: str) -> dict:
     """Per evaluation: val_loss, val_bpb, seconds, targets scored, targets/s."""
     evals = {}
-    for key, label in EVAL_LABELS.items():
-        lab = re.escape(label)
-        m = re.search(rf"^{lab} val_loss:{NUM} val_bpb:{NUM} eval_time:(\d+)ms$", log, re.MULTILINE)
+    for key, lab in EVAL_LABELS.items():  # regular expressions
+        m = re.search(rf"^({lab}) val_loss:{NUM} val_bpb:{NUM} eval_time:(\d+)ms$", log, re.MULTILINE)
         if not m:
             evals[key] = None
             continue
-        seconds = int(m.group(3)) / 1000
-        targets = grab(rf"^coverage {lab} val_tokens:(\d+)", log, int)
-        evals[key] = {"val_loss": float(m.group(1)), "val_bpb": float(m.group(2)), "seconds": seconds,
-                      "targets": targets,
+        seconds = int(m.group(4)) / 1000
+        targets = grab(rf"^coverage {re.escape(m.group(1))} val_tokens:(\d+)", log, int)
+        evals[key] = {"label": m.group(1), "val_loss": float(m.group(2)), "val_bpb": float(m.group(3)),
+                      "seconds": seconds, "targets": targets,
                       "targets_per_s": targets / seconds if targets is not None and seconds > 0 else None}
     return evals
 
@@ -216,7 +213,7 @@ def parse_training(log: str, train: list[dict], hp: tg.Hyperparameters | None, w
     return training
 
 
-def parse_evaluation(log: str, hp: tg.Hyperparameters | None) -> dict:
+def parse_evaluation(log: str) -> dict:
     evals = parse_eval(log)
     warm = re.search(rf"^eval_warmup: .* in {NUM}s, .* plain_batch:{NUM}ms sliding_batch:{NUM}ms ttt_step:{NUM}ms",
                      log, re.MULTILINE)
@@ -228,7 +225,7 @@ def parse_evaluation(log: str, hp: tg.Hyperparameters | None) -> dict:
             "projected_ttt_s": grab(rf"^eval_projection: sliding ~\S+ ttt ~{NUM}s", log),
             "measured_sliding_plus_ttt_s": sum(measured) if measured else None,
             "counted_total_s": grab(rf"total_eval_time:{NUM}s", log),
-            "full_val_8gpu": full_val_projection(hp, warmup) if hp and warmup else None}
+            "full_val_8gpu": full_val_projection(log)}
 
 
 def parse_post_training(log: str) -> dict | None:
@@ -251,7 +248,7 @@ def parse_run(artifact_dir: Path) -> dict:
     train = [r for r in read_metrics(artifact_dir / "metrics.jsonl") if r.get("event") == "train"]
     world = grab(r"^world_size:(\d+) ", log, int) or 1
     gpu = grab(r"^world_size:\d+ device:(.+?) torch:", log, str)
-    evaluation = parse_evaluation(log, hp)
+    evaluation = parse_evaluation(log)
     return {
         "run": {"gpu": gpu, "world_size": world, "torch": grab(r" torch:(\S+)", log, str),
                 "attention": grab(r" attention:(\S+)", log, str), "model_params": grab(r"^model_params:(\d+)", log, int),
@@ -278,23 +275,12 @@ def mfu(hp: tg.Hyperparameters, looping: bool, tok_s_per_gpu: float | None, gpu:
             f"mfu_{phase}": achieved / peak if achieved and peak else None}
 
 
-def full_val_projection(hp: tg.Hyperparameters, warmup: dict) -> dict:
-    """train_gpt.py's eval projection for the full sp8192 validation on 8 GPUs, from this run's step times.
-
-    The TTT figure is an upper bound: a TTT step here trains a whole chunk on this run's GPUs, on 8 each trains 1/8.
-    """
-    timings = tg.EvalTimings(0.0, warmup["plain_batch_ms"] / 1000, warmup["sliding_batch_ms"] / 1000,
-                             warmup["ttt_step_ms"] / 1000)
-    # Rank 1 of 8: RunContext.log prints on rank 0 only, so the projection is computed without being logged.
-    ctx = tg.RunContext(rank=1, world_size=FULL_VAL_GPUS, local_rank=1, device=None)
-    blocks = -(-FULL_VAL_TARGETS // hp.eval_seq_len)
-    rows = max(1, hp.val_batch_tokens // (8 * hp.eval_seq_len))  # as eval_val's batch
-    plain = -(-(-(-blocks // FULL_VAL_GPUS)) // rows) * timings.plain_batch
-    # One phase at a time: the projection returns the sum of the enabled ones.
-    project = lambda **only: tg.log_eval_projection(FULL_VAL_TARGETS, timings, dataclasses.replace(hp, **only), ctx)
-    sliding = project(ttt_enabled=0) if hp.sliding_window_enabled else 0.0
-    ttt = project(sliding_window_enabled=0) if hp.ttt_enabled else 0.0
-    return {"quantized_s": plain, "sliding_s": sliding, "ttt_s": ttt, "total_s": plain + sliding + ttt}
+def full_val_projection(log: str) -> dict | None:
+    """train_gpt.py's own projection for the full validation set on 8 GPUs (from this run's step times and, for
+    lora_phased, its documents), as logged."""
+    m = re.search(rf"^eval_projection_full_scale: targets:\d+ gpus:\d+ counted ~{NUM}s sliding ~{NUM}s "
+                  rf"ttt\(\w+\) ~{NUM}s total ~{NUM}s", log, re.MULTILINE)
+    return dict(zip(("counted_s", "sliding_s", "ttt_s", "total_s"), map(float, m.groups()))) if m else None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -349,7 +335,7 @@ def print_table(result: dict) -> None:
     w, full = e.get("warmup") or {}, e.get("full_val_8gpu") or {}
     print(f"  compile warm-up {fmt(w.get('seconds'))}s; sliding + TTT projected {fmt(e.get('projected_sliding_s'))} + "
           f"{fmt(e.get('projected_ttt_s'))}s, measured {fmt(e.get('measured_sliding_plus_ttt_s'))}s")
-    print(f"  full validation on 8 GPUs (projected): quantized {fmt(full.get('quantized_s'))}s sliding "
+    print(f"  full validation on 8 GPUs (projected): counted so far {fmt(full.get('counted_s'))}s sliding "
           f"{fmt(full.get('sliding_s'))}s TTT {fmt(full.get('ttt_s'))}s total {fmt(full.get('total_s'))}s")
     print(f"artifact: model {fmt(q.get('model_bytes'))} + code {fmt(q.get('code_bytes'))} = "
           f"{fmt(q.get('total_bytes'))} bytes")

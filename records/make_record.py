@@ -252,12 +252,12 @@ def check_seed(run: SeedRun, cap: int = SIZE_CAP_BYTES) -> list[Check]:
     mode = ttt.get("mode")
     if mode == "off":
         checks.append(Check("score_first_ttt", True, "TTT off"))
-    elif mode == "score_first":
+    elif mode in ("score_first", "lora_phased"):  # both score every chunk before training on it
         ok = ttt.get("score_before_update") is True
-        checks.append(Check("score_first_ttt", ok, "score-first TTT, scored before update" if ok
+        checks.append(Check("score_first_ttt", ok, f"{mode} TTT, scored before update" if ok
                             else "TTT does not report score_before_update=true"))
     else:
-        checks.append(Check("score_first_ttt", False, f"TTT mode {mode!r} is not score_first or off"))
+        checks.append(Check("score_first_ttt", False, f"TTT mode {mode!r} is not score_first, lora_phased or off"))
 
     gpu, world = str(run.get("gpu", "")), run.get("world_size")
     checks.append(Check("hardware_8xh100", world == 8 and "H100" in gpu, f"{world} x {gpu}"))

@@ -109,7 +109,9 @@ def test_suite_finds_every_field_in_a_smoke_run(smoke_run):
     t = result["training"]
     assert (t["steps"], t["loop_enabled_step"]) == (8, 4)
     assert t["tok_s_per_gpu_before_loop"] > 0 and t["ms_per_step_after_loop"] > 0
-    for key, label in suite.EVAL_LABELS.items():
+    assert set(summary["evals"]) == {result["eval"][key]["label"] for key in suite.EVAL_LABELS}
+    for key in suite.EVAL_LABELS:
+        label = result["eval"][key]["label"]
         assert result["quality"][f"val_bpb_{key}"] == pytest.approx(summary["evals"][label]["val_bpb"], abs=1e-7)
         assert result["eval"][key]["targets"] == 13824
     assert result["quality"]["total_bytes"] == summary["total_bytes"]

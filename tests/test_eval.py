@@ -104,7 +104,7 @@ def test_ttt_plan_trains_only_on_scored_targets(n, T, stride, chunk):
 
 
 def test_warmup_projection_and_log_lines(smoke_data):
-    hp = smoke_hp(eval_budget_seconds=0.001)
+    hp = smoke_hp(eval_budget_seconds=0.001, ttt_mode="score_first")  # lora_phased: tests/test_eval_lora_ttt.py
     tokens, tables = smoke_stream(smoke_data, hp, n_targets=3000)
     model = make_model(hp)
     before = copy.deepcopy(model.state_dict())

@@ -166,6 +166,11 @@ def test_chunk_steps_cover_each_prediction_once():
     assert rows.tolist() == [6, 3, 2, 2, 2, 2, 2]  # documents still running (P > 16 ci), at least 2
     assert length.tolist() == [16, 32, 48, 64, 64, 64, 64]  # windows grow to EVAL_SEQ_LEN = 64
     assert trains.tolist() == [True] * 6 + [False]
+    # A batch whose longest document ends mid-chunk: its last window is padded to a multiple of 8 (GPU kernels
+    # specialize on that alignment); a long EVAL_SEQ_LEN caps it, whatever it is.
+    assert tg.lora_chunk_steps(np.array([5, 21]), hp)[1].tolist() == [16, 24]
+    assert tg.lora_chunk_steps(np.array([5]), hp)[1].tolist() == [8]
+    assert tg.lora_chunk_steps(np.array([70, 70]), lora_hp(eval_seq_len=68))[1].tolist() == [16, 32, 48, 64, 68]
 
 
 def test_coverage_is_exact(stream, baseline):
@@ -363,3 +368,4 @@ def test_two_ranks_match_one_process(smoke_data, baseline, tmp_path):
     assert two.covered and one.covered and (two.tokens, two.bytes) == (one.tokens, one.bytes)
     torch.testing.assert_close(two.target_losses, one.target_losses, rtol=1e-5, atol=1e-5)
     assert math.isclose(two.val_bpb, one.val_bpb, rel_tol=1e-6)
+

@@ -114,7 +114,8 @@ def test_cpu_smoke_run_end_to_end(tmp_path):
     assert summary["steps"] >= 3
     assert (tmp_path / "final_model.pt").stat().st_size > 0
     assert summary["total_bytes"] == (tmp_path / "final_model.int6.ptz").stat().st_size + summary["code_bytes"]
-    assert set(summary["evals"]) == {"pre-quantization post-ema", "quantized", "quantized_sliding_window", "quantized_ttt"}
+    assert set(summary["evals"]) == {"pre-quantization post-ema", "quantized", "quantized_sliding_window",
+                                    "quantized_ttt_phased"}  # TTT_MODE=lora_phased, the default
     assert all(e["covered"] for k, e in summary["evals"].items() if k != "pre-quantization post-ema")
 
     # EVAL_ONLY evaluates the saved artifact without training and reproduces the run's quantized score exactly
