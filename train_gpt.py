@@ -22,6 +22,9 @@ import struct
 import sys
 import tempfile
 import time
+
+PROCESS_START = time.time()  # before the heavy imports: launch -> first timed step includes them
+
 import uuid
 import warnings
 import zlib
@@ -37,7 +40,25 @@ from torch import Tensor, nn
 from torch._dynamo.utils import counters as dynamo_counters
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-PROCESS_START = time.time()  # launch -> first timed step is reported (cold-start cost)
+
+
+class Startup:
+    """Launch -> first timed step (the cold start) by stage: mark(stage) ends the stage begun at the previous mark."""
+
+    def __init__(self, t0: float):
+        self.t0, self.last, self.stages = t0, t0, {}
+
+    def mark(self, stage: str) -> None:
+        now = time.time()
+        self.stages[stage] = self.stages.get(stage, 0.0) + now - self.last
+        self.last = now
+
+    def line(self) -> str:
+        return " ".join(f"{k}:{v:.1f}s" for k, v in self.stages.items()) + f" total:{self.last - self.t0:.1f}s"
+
+
+STARTUP = Startup(PROCESS_START)
+STARTUP.mark("imports")
 
 # =====================================================================================================
 # 1. Configuration
@@ -3327,11 +3348,14 @@ def train_and_quantize(hp, ctx, train_files, val_tokens, tables, script, artifac
     ctx.log(f"model_params:{sum(p.numel() for p in model.parameters())}")
     trainer = Trainer(hp, ctx, model, train_files)
     ctx.log(f"grad_accum_steps:{trainer.grad_accum} micro_batch_seqs:{trainer.micro_seqs}")
+    STARTUP.mark("model")
     t_warm = time.perf_counter()
     graphs = trainer.compile_warmup()
+    STARTUP.mark("compile_warmup")
     ctx.log(f"compile_warmup: {time.perf_counter() - t_warm:.1f}s graphs per phase (plain, looped): {graphs} "
             f"COMPILE={hp.compile} COMPILE_SCOPE={hp.compile_scope}")
     reserve_s = measure_gptq_reserve(hp, ctx, model, train_files, trainer.micro_seqs)
+    STARTUP.mark("gptq_reserve")
     budget_ms = hp.max_wallclock_seconds * 1000 - reserve_s * 1000 if hp.max_wallclock_seconds > 0 else 0.0
     ctx.log(f"gptq:reserving {reserve_s:.1f}s, effective={budget_ms:.0f}ms")
 
@@ -3343,7 +3367,8 @@ def train_and_quantize(hp, ctx, train_files, val_tokens, tables, script, artifac
         ctx.log(f"{step}/{hp.iterations} val_loss: {r.val_loss:.4f} val_bpb: {r.val_bpb:.4f}")
         ctx.metric(event="val", step=step, val_loss=r.val_loss, val_bpb=r.val_bpb, train_time_ms=train_ms)
 
-    ctx.log(f"training_start: {time.time() - PROCESS_START:.1f}s after launch")
+    ctx.log(f"startup: {STARTUP.line()}")
+    ctx.log(f"training_start: {STARTUP.last - PROCESS_START:.1f}s after launch")
     stats = train(hp, ctx, trainer, budget_ms, validate)
     trained_t = time.perf_counter()
     if ctx.is_main:  # the pre-quantization (EMA) model is kept whatever happens next
@@ -3394,7 +3419,9 @@ def main() -> None:
     if hp.eval_only and not os.path.isfile(hp.artifact_path):
         raise SystemExit(f"config error: ARTIFACT_PATH={hp.artifact_path} does not exist")
     train_files, val_files, val_tokens, byte_tables = prepare_data(hp, int(os.environ.get("RANK", "0")))
+    STARTUP.mark("data")
     ctx = setup_distributed()
+    STARTUP.mark("distributed")
     os.makedirs(hp.artifact_dir, exist_ok=True)
     ctx.log_path = os.path.join(hp.artifact_dir, "train.log")
     ctx.metrics_path = os.path.join(hp.artifact_dir, "metrics.jsonl")
@@ -3403,6 +3430,7 @@ def main() -> None:
     ctx.log(f"val_tokens: {val_tokens.numel() - 1}")
     gpu = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu"
     dense = configure_attention()
+    STARTUP.mark("attention_probe")
     ctx.log(f"world_size:{ctx.world_size} device:{gpu} torch:{torch.__version__} python:{sys.version.split()[0]} "
             f"attention:{dense} doc_attention:{DOC_ATTENTION_BACKEND if hp.doc_isolated_attn else 'off'}")
     log_compile_cache(hp, ctx)

@@ -213,6 +213,12 @@ def parse_training(log: str, train: list[dict], hp: tg.Hyperparameters | None, w
     return training
 
 
+def parse_startup(log: str) -> dict | None:
+    """train_gpt.py's `startup:` line: seconds per stage from launch to the first timed step."""
+    m = re.search(r"^startup: (.*) total:\S+$", log, re.MULTILINE)
+    return {k: float(v) for k, v in re.findall(rf"(\w+):{NUM}s", m.group(1))} if m else None
+
+
 def parse_evaluation(log: str) -> dict:
     evals = parse_eval(log)
     warm = re.search(rf"^eval_warmup: .* in {NUM}s, .* plain_batch:{NUM}ms sliding_batch:{NUM}ms ttt_step:{NUM}ms",
@@ -256,8 +262,9 @@ def parse_run(artifact_dir: Path) -> dict:
                 "max_wallclock_seconds": hp.max_wallclock_seconds if hp else None},
         "training": parse_training(log, train, hp, world, gpu),
         "cold_start": {"launch_to_first_step_s": None,  # the suite's own clock, filled in by main
-                       "after_imports_s": grab(rf"^training_start: {NUM}s after launch", log),  # train_gpt's clock
-                       "compile_warmup_s": grab(rf"^compile_warmup: {NUM}s", log)},
+                       "train_gpt_clock_s": grab(rf"^training_start: {NUM}s after launch", log),  # from its first line
+                       "compile_warmup_s": grab(rf"^compile_warmup: {NUM}s", log),
+                       "stages_s": parse_startup(log)},
         "post_training": parse_post_training(log),
         "eval": evaluation,
         "quality": {**{f"val_bpb_{k}": (evaluation[k] or {}).get("val_bpb") for k in EVAL_LABELS},
@@ -323,8 +330,9 @@ def print_table(result: dict) -> None:
         print(f"  {label:<20}{fmt(t.get(key + '_before_loop')):>14}{fmt(t.get(key + '_after_loop')):>14}")
     print(f"  steps {fmt(t.get('steps'))}, looping from step {fmt(t.get('loop_enabled_step'))}, peak memory "
           f"{fmt(t.get('peak_mem_allocated_mib'))} MiB allocated / {fmt(t.get('peak_mem_reserved_mib'))} reserved")
-    print(f"cold start: launch -> first timed step {fmt(c.get('launch_to_first_step_s'))}s (after train_gpt.py's "
-          f"imports {fmt(c.get('after_imports_s'))}s, of which compile warm-up {fmt(c.get('compile_warmup_s'))}s)")
+    print(f"cold start: launch -> first timed step {fmt(c.get('launch_to_first_step_s'))}s (train_gpt.py's own "
+          f"clock {fmt(c.get('train_gpt_clock_s'))}s, of which compile warm-up {fmt(c.get('compile_warmup_s'))}s)")
+    print("  by stage: " + " ".join(f"{k} {fmt(v)}s" for k, v in (c.get("stages_s") or {}).items()))
     print(f"post-training: stop -> artifact {fmt(p.get('total_s'))}s (final val + EMA {fmt(p.get('final_val_ema_s'))}, "
           f"serialize + pre-quant eval {fmt(p.get('serialize_pre_quant_eval_s'))}, Hessians {fmt(p.get('hessians_s'))}, "
           f"quantize + compress {fmt(p.get('quantize_compress_s'))})")

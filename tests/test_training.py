@@ -1,6 +1,7 @@
 """Training loop: loop activation, wallclock stop, configuration errors, dry run and the CPU smoke run."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -110,6 +111,13 @@ def test_cpu_smoke_run_end_to_end(tmp_path):
     for line in ("model_params:", "warmup_step: 2/2", "loop_warmup_step: 2/2", "layer_loop:enabled",
                  "stopping_early: wallclock_cap", "ema:applying EMA weights"):
         assert line in log
+    # The cold start by stage adds up to the training_start figure (each to the 0.1 s of the log).
+    stages = re.search(r"^startup: (.*) total:([\d.]+)s$", log, re.M)
+    seconds = dict((k, float(v)) for k, v in re.findall(r"(\w+):([\d.]+)s", stages[1]))
+    assert list(seconds) == ["imports", "data", "distributed", "attention_probe", "model", "compile_warmup",
+                             "gptq_reserve"]
+    assert abs(sum(seconds.values()) - float(stages[2])) <= 0.05 * len(seconds) and seconds["imports"] > 0
+    assert re.search(rf"^training_start: {stages[2]}s after launch$", log, re.M)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps"] >= 3
     assert (tmp_path / "final_model.pt").stat().st_size > 0
