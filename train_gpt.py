@@ -2388,13 +2388,14 @@ _COMPILED: dict = {}
 
 def _compiled(fn, hp: Hyperparameters, dynamic: bool = False):
     """fn (model, ...) as evaluation runs it. COMPILE_SCOPE=blocks: with the process-wide compiled regions (section
-    3), the static ones shared with training; dynamic=True (one graph for all sizes of the inputs' dimensions, as the
-    LoRA TTT needs) has regions of its own. COMPILE_SCOPE=model: one compiled wrapper of the whole fn per process.
-    Either way the model is an argument, not a closure, so every copy of the architecture (quantized model, TTT copy)
-    runs the graphs compiled in eval_warmup."""
+    3), the static ones shared with training. COMPILE_SCOPE=model: one compiled wrapper of the whole fn per process.
+    dynamic=True (graphs for all sizes of the inputs' dimensions, as the LoRA TTT needs) always takes regions of its
+    own: the whole LoRA step as one dynamic-shape graph had not compiled after 300 s on an H100. Either way the model
+    is an argument, not a closure, so every copy of the architecture (quantized model, TTT copy) runs the graphs
+    compiled in eval_warmup."""
     if not hp.compile:
         return fn
-    if hp.compile_scope == "blocks":
+    if hp.compile_scope == "blocks" or dynamic:
         return functools.partial(fn, regions=compiled_regions(EVAL_COMPILE_BACKEND, dynamic))
     key = (fn, EVAL_COMPILE_BACKEND, dynamic)
     if key not in _COMPILED:
