@@ -169,10 +169,12 @@ def encode_in_order(docs, model_path: str, workers: int, caseops_data: bool = Fa
         for task in tasks():
             yield _encode_batch(*task)
         return
-    # Spawned workers, not forked ones: a fork of a process with threads running (torch's pools, a test runner's)
-    # can deadlock in the child. The executor raises BrokenProcessPool if a worker dies, where a Pool waits forever.
-    spawn = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=spawn, initializer=_init_encoder,
+    # Not a plain fork: a fork of a process with threads running (torch's pools, a test runner's) can deadlock in the
+    # child. Workers fork from a single-threaded server that imported this script once (spawned workers each import
+    # torch: +8 s for 16 of them on a fresh GPU machine). The executor raises BrokenProcessPool if a worker dies, where
+    # a Pool waits forever.
+    server = multiprocessing.get_context("forkserver")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=server, initializer=_init_encoder,
                                                 initargs=(model_path, caseops_data)) as pool:
         pending = collections.deque()
         for task in tasks():
