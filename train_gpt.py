@@ -41,7 +41,6 @@ from torch._dynamo.utils import counters as dynamo_counters
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
-
 class Startup:
     """Launch -> first timed step (the cold start) by stage: mark(stage) ends the stage begun at the previous mark."""
 
@@ -50,8 +49,7 @@ class Startup:
 
     def mark(self, stage: str) -> None:
         now = time.time()
-        self.stages[stage] = self.stages.get(stage, 0.0) + now - self.last
-        self.last = now
+        self.stages[stage], self.last = now - self.last, now
 
     def line(self) -> str:
         return " ".join(f"{k}:{v:.1f}s" for k, v in self.stages.items()) + f" total:{self.last - self.t0:.1f}s"
@@ -2397,9 +2395,9 @@ def _compiled(fn, hp: Hyperparameters, dynamic: bool = False):
         return fn
     if hp.compile_scope == "blocks" or dynamic:
         return functools.partial(fn, regions=compiled_regions(EVAL_COMPILE_BACKEND, dynamic))
-    key = (fn, EVAL_COMPILE_BACKEND, dynamic)
+    key = (fn, EVAL_COMPILE_BACKEND)
     if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(fn, dynamic=dynamic, fullgraph=True, backend=EVAL_COMPILE_BACKEND)
+        _COMPILED[key] = torch.compile(fn, dynamic=False, fullgraph=True, backend=EVAL_COMPILE_BACKEND)
     return _COMPILED[key]
 
 
