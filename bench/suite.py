@@ -231,6 +231,9 @@ def parse_evaluation(log: str) -> dict:
             "projected_ttt_s": grab(rf"^eval_projection: sliding ~\S+ ttt ~{NUM}s", log),
             "measured_sliding_plus_ttt_s": sum(measured) if measured else None,
             "counted_total_s": grab(rf"total_eval_time:{NUM}s", log),
+            # graphs the eval warm-up missed, compiled on the clock (train_gpt.py warns; LoRA TTT's dynamic shapes)
+            "graphs_compiled_on_eval_clock": sum(map(int, re.findall(
+                r"^WARNING \w+: (\d+) graph\(s\) compiled on the eval clock", log, re.MULTILINE))),
             "full_val_8gpu": full_val_projection(log)}
 
 
@@ -341,6 +344,7 @@ def print_table(result: dict) -> None:
         ev = e.get(key) or {}
         print(f"  {key:<20}{fmt(ev.get('val_bpb')):>14}{fmt(ev.get('seconds')):>14}{fmt(ev.get('targets_per_s')):>14}")
     w, full = e.get("warmup") or {}, e.get("full_val_8gpu") or {}
+    print(f"  graphs compiled on the eval clock: {fmt(e.get('graphs_compiled_on_eval_clock'))} (0 expected)")
     print(f"  compile warm-up {fmt(w.get('seconds'))}s; sliding + TTT projected {fmt(e.get('projected_sliding_s'))} + "
           f"{fmt(e.get('projected_ttt_s'))}s, measured {fmt(e.get('measured_sliding_plus_ttt_s'))}s")
     print(f"  full validation on 8 GPUs (projected): counted so far {fmt(full.get('counted_s'))}s sliding "

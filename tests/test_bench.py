@@ -153,3 +153,10 @@ def test_deadline_stops_the_run_and_still_writes_results(tmp_path, smoke_data):
     result = json.loads((tmp_path / "smoke.json").read_text())
     assert result["run"]["finished"] is False and result["run"]["returncode"] != 0
     assert result["run"]["wall_s"] < 30
+
+
+def test_graphs_compiled_on_the_eval_clock_are_counted():
+    warning = "WARNING ttt_phased: 3 graph(s) compiled on the eval clock; eval_warmup should have compiled them all"
+    clean = "quantized val_loss:1.0 val_bpb:1.0 eval_time:5ms\n"
+    assert suite.parse_evaluation(clean)["graphs_compiled_on_eval_clock"] == 0
+    assert suite.parse_evaluation(clean + warning + "\n")["graphs_compiled_on_eval_clock"] == 3
