@@ -37,7 +37,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch._dynamo.utils import counters as dynamo_counters
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
@@ -1147,8 +1146,9 @@ class Regions:
 EAGER_REGIONS = Regions()
 _COMPILED_REGIONS: dict = {}
 
-# Graphs the block region needs in a full run: 2 variants x 3 (training, no-grad eval and TTT batch shapes) = 6, of
-# dynamo's default limit of 8 per function; past the limit it stops compiling the function, so there is room here.
+# Graphs of run_block in a full run: 2 variants x 3 static shapes (training, no-grad eval, TTT batch) = 6, plus the
+# LoRA TTT's 3 dynamic ones (one code object, one cache), past dynamo's default limit of 8 per function, where it
+# stops compiling the function; so the limit is raised, with room.
 REGION_RECOMPILE_LIMIT = 64
 
 
@@ -2921,7 +2921,7 @@ def eval_val_lora_ttt(model: GPT, val_tokens: Tensor, tables, hp: Hyperparameter
                       return_losses: bool = False) -> EvalResult:
     """Phased, document-independent LoRA TTT (ANCHORS 6.2) following lora_ttt_plan. The base weights are frozen
     except in the global phases. Trains `model` in place: pass a copy that is not needed afterwards."""
-    graphs = dynamo_counters["stats"]["unique_graphs"]  # to report a compile on the clock
+    graphs = compiled_graph_count()  # to report a compile on the clock
     t0 = _start_clock(model, hp, ctx)
     tokens, tables = _on_device(val_tokens, tables, ctx)
     n = tokens.numel() - 1
@@ -2959,7 +2959,7 @@ def eval_val_lora_ttt(model: GPT, val_tokens: Tensor, tables, hp: Hyperparameter
                 ctx.log(f"ttpr: phase:{k + 1}/{phases} t:{time.perf_counter() - t0:.1f}s")
     for p, flag in zip(model.parameters(), trainable):
         p.requires_grad_(flag)
-    compiled = dynamo_counters["stats"]["unique_graphs"] - graphs
+    compiled = compiled_graph_count() - graphs
     if label and compiled:
         ctx.log(f"WARNING ttt_phased: {compiled} graph(s) compiled on the eval clock; eval_warmup should have "
                 "compiled them all (a shape specialization: please report)")
