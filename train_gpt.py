@@ -1542,7 +1542,8 @@ def train(hp: Hyperparameters, ctx: RunContext, trainer: Trainer, budget_ms: flo
     """Wallclock-driven training loop. `validate(step)` runs a periodic validation (its time is not counted).
 
     Stops before the step that would cross the budget (predicted from the step times, with STEP_TIME_MARGIN), so the
-    counted training time stays within it unless a step runs that much slower than predicted. Returns the step count, counted time and the step at which looping switched on.
+    counted training time stays within it unless a step runs that much slower than predicted. Returns the step
+    count, counted time and the step at which looping switched on.
     """
     model, ema = trainer.model, EMA(trainer.model, hp.ema_decay)
     tokens_per_step = hp.train_batch_tokens
