@@ -895,6 +895,22 @@ def document_mask(ids: Tensor):
 ATTN_GATE_WINDOW = 12  # the sparse gate reads this many leading channels of the attention input (#1787)
 
 
+def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
+    """XSA: remove from each head's output y [B, T, H, D] its component along the token's own value v [B, T, Hkv, D]
+    (shared by the heads of a GQA group): y - (y·v / |v|²) v.
+
+    The value is broadcast to every head, so both reductions run over the same rows and compile to one kernel with
+    the subtraction (forward and backward); normalizing v first compiled to three, ~0.24 ms more per block call at
+    the training shape on an H100 (bench/block.py). The |v|² floor is F.normalize's eps, squared.
+    """
+    B, T, H, D = y.shape
+    Hkv = v.size(2)
+    yg = y.reshape(B, T, Hkv, H // Hkv, D).float()
+    vg = v.unsqueeze(3).expand(B, T, Hkv, H // Hkv, D).float()
+    coef = (yg * vg).sum(-1, keepdim=True) / (vg * vg).sum(-1, keepdim=True).clamp_min(1e-24)
+    return (yg - coef * vg).to(y.dtype).view(B, T, H, D)
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int, rope_dims: int, rope_base: float,
                  qk_gain_init: float, xsa: bool, max_len: int, gate: bool = False):
@@ -922,11 +938,7 @@ class Attention(nn.Module):
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
         y = causal_attention(q, k, v, doc_mask)
         if self.xsa:
-            # Exclusive self-attention: remove from each head's output its component along the token's own value.
-            group = self.num_heads // self.num_kv_heads
-            y = y.view(B, T, self.num_kv_heads, group, self.head_dim)
-            vn = F.normalize(v, dim=-1).unsqueeze(3)
-            y = (y - (y * vn).sum(-1, keepdim=True) * vn).view(B, T, self.num_heads, self.head_dim)
+            y = exclusive_self_attention(y, v)
         if self.attn_gate_w is not None:
             gate = torch.sigmoid(F.linear(u[..., :ATTN_GATE_WINDOW], self.attn_gate_w.to(u.dtype)))
             y = y * gate.to(y.dtype)[..., None]
@@ -1001,7 +1013,9 @@ try:  # optional: where Triton is missing (CPU machines, CI) the training loss t
 except ImportError:
     triton = None
 
-FUSED_CE_BLOCK, FUSED_CE_WARPS = 1024, 4  # vocabulary columns per step of a row's loop; warps per row (#1787)
+# Vocabulary columns per step of a row's loop and warps per row. H100, [98304, 8192] bf16 (bench/fused_ce.py sweep):
+# 2048/4 takes 1.039 ms forward and 2.203 forward+backward, #1787's 1024/4 1.123 and 2.260.
+FUSED_CE_BLOCK, FUSED_CE_WARPS = 2048, 4
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # Triton's CPU interpreter: tests run the kernels
 
 
@@ -1472,12 +1486,14 @@ class Trainer:
     def new_loader(self):
         self.loader = ShuffledSequenceLoader(self.train_files, self.hp.train_seq_len, self.hp.seed, self.ctx.rank,
                                              self.ctx.world_size, self.ctx.device)
+        self.next_batch = None  # the next micro-batch, drawn ahead (see step)
 
     def step(self, step: int, lr_mul: float) -> Tensor:
         """One optimizer step over grad_accum micro-batches; returns the mean loss (on device, not synced)."""
         total = torch.zeros((), device=self.ctx.device)
         for micro in range(self.grad_accum):
-            x, y = self.loader.next_batch(self.micro_seqs)
+            batch, self.next_batch = self.next_batch, None
+            x, y = batch or self.loader.next_batch(self.micro_seqs)
             last = micro == self.grad_accum - 1
             sync_ctx = self.train_model.no_sync() if self.ctx.distributed and not last else nullcontext()
             with sync_ctx, self.ctx.autocast(), sdpa_context():
@@ -1495,6 +1511,9 @@ class Trainer:
             opt.step()
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
+        # Drawn now, while the GPU still works through this step: drawn after the loss sync that ends a step, it left
+        # the GPU idle ~2.3 ms per step on an H100 (bench/profile_step.py). The data order is the same.
+        self.next_batch = self.loader.next_batch(self.micro_seqs)
         return total / self.grad_accum
 
     def compile_warmup(self) -> list[int]:

@@ -3,9 +3,12 @@
     python3 bench/profile_step.py [--steps 4] [--out DIR] [ENV=VALUE ...]
 
 Builds the default model and Trainer exactly as train_gpt.py does (one GPU, same data env vars), runs the compile
-warm-up, then profiles `--steps` optimizer steps with looping off and on. Prints per phase the step time, the share
-of each kernel category (matmul, attention, fused elementwise, optimizer, communication, other) and the top kernels;
-writes <out>/profile_step.json. Categories are by kernel name, so they are approximate.
+warm-up, then per phase (looping off, then on) times `--steps` optimizer steps without the profiler (the true wall
+time), profiles as many again, and traces one more step. Prints per phase the step time, the share of each kernel
+category (matmul, attention, fused elementwise, optimizer, communication, other), the top kernels and the GPU idle
+time inside the traced step (gaps between kernels, with the CPU op that was running when each long gap began);
+writes <out>/profile_step.json and the traces. Categories are by kernel name, so they are approximate; the profiler
+slows the CPU side, so idle time is read from the trace but the step time from the unprofiled run.
 """
 import argparse
 import json
@@ -33,7 +36,30 @@ def category(name: str) -> str:
     return "other"
 
 
-def profile_phase(trainer, looping: bool, steps: int) -> dict:
+def gpu_gaps(trace_path: Path) -> dict:
+    """GPU idle time in a chrome trace: total, and the longest gaps with the CPU op running as each began."""
+    events = json.loads(trace_path.read_text())["traceEvents"]
+    kernels = sorted((e["ts"], e["ts"] + e.get("dur", 0)) for e in events
+                     if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
+    cpu_ops = sorted((e["ts"], e["ts"] + e.get("dur", 0), e["name"]) for e in events
+                     if e.get("ph") == "X" and e.get("cat") in ("cpu_op", "python_function", "user_annotation"))
+    gaps, busy_until = [], kernels[0][0]
+    for start, end in kernels:
+        if start > busy_until:
+            gaps.append((start - busy_until, busy_until))
+        busy_until = max(busy_until, end)
+
+    def running_at(ts):  # the innermost CPU op spanning ts
+        spans = [(b - a, name) for a, b, name in cpu_ops if a <= ts <= b]
+        return min(spans)[1][:100] if spans else "?"
+
+    span = busy_until - kernels[0][0]
+    top = sorted(gaps, reverse=True)[:15]
+    return dict(span_ms=span / 1000, idle_ms=sum(g for g, _ in gaps) / 1000, gaps_over_50us=sum(g > 50 for g, _ in gaps),
+                longest=[(round(g / 1000, 3), running_at(ts)) for g, ts in top])
+
+
+def profile_phase(trainer, looping: bool, steps: int, out: Path) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -42,11 +68,19 @@ def profile_phase(trainer, looping: bool, steps: int) -> dict:
         trainer.step(i, 1.0)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
+    for i in range(steps):
+        trainer.step(i, 1.0).item()  # as the training loop: one sync per step
+    wall_ms = (time.perf_counter() - t0) * 1000 / steps
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for i in range(steps):
             trainer.step(i, 1.0)
         torch.cuda.synchronize()
-    wall_ms = (time.perf_counter() - t0) * 1000 / steps
+    trace = out / f"trace_looping{int(looping)}.json"
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as traced:
+        trainer.step(0, 1.0).item()
+    traced.export_chrome_trace(str(trace))
+    idle = gpu_gaps(trace)
+    os.system(f"gzip -f {trace}")
     kernels = {}
     for evt in prof.key_averages():
         t = getattr(evt, "self_device_time_total", None)
@@ -59,7 +93,7 @@ def profile_phase(trainer, looping: bool, steps: int) -> dict:
     for name, ms in kernels.items():
         cats[category(name)] = cats.get(category(name), 0.0) + ms
     top = sorted(kernels.items(), key=lambda kv: -kv[1])[:30]
-    return dict(looping=looping, wall_ms_per_step=wall_ms, gpu_ms_per_step=total,
+    return dict(looping=looping, wall_ms_per_step=wall_ms, gpu_ms_per_step=total, traced_step_idle=idle,
                 categories={k: round(v, 2) for k, v in sorted(cats.items(), key=lambda kv: -kv[1])},
                 top_kernels=[(n[:140], round(ms, 3)) for n, ms in top])
 
@@ -82,15 +116,19 @@ def main():
     trainer = tg.Trainer(hp, ctx, tg.build_model(hp, ctx.device), train_files)
     t0 = time.perf_counter()
     trainer.compile_warmup()
-    result = dict(attention=backend, compile_warmup_s=time.perf_counter() - t0, micro_seqs=trainer.micro_seqs,
-                  phases=[profile_phase(trainer, looping, args.steps) for looping in (False, True)])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    result = dict(attention=backend, compile_warmup_s=time.perf_counter() - t0, micro_seqs=trainer.micro_seqs,
+                  phases=[profile_phase(trainer, looping, args.steps, out) for looping in (False, True)])
     (out / "profile_step.json").write_text(json.dumps(result, indent=2))
     print(f"attention:{backend} compile_warmup:{result['compile_warmup_s']:.1f}s micro_seqs:{trainer.micro_seqs}")
     for ph in result["phases"]:
         print(f"\nlooping={ph['looping']}: wall {ph['wall_ms_per_step']:.1f} ms/step, "
-              f"GPU kernels {ph['gpu_ms_per_step']:.1f} ms/step")
+              f"GPU kernels {ph['gpu_ms_per_step']:.1f} ms/step (profiled)")
+        idle = ph["traced_step_idle"]
+        print(f"  traced step: {idle['span_ms']:.1f} ms from first to last kernel, GPU idle {idle['idle_ms']:.1f} ms "
+              f"in {idle['gaps_over_50us']} gaps > 50 us; longest: " +
+              "; ".join(f"{ms} ms in {op}" for ms, op in idle["longest"][:6]))
         for cat, ms in ph["categories"].items():
             print(f"  {cat:<18} {ms:8.2f} ms  {100 * ms / ph['gpu_ms_per_step']:5.1f}%")
         for name, ms in ph["top_kernels"][:20]:

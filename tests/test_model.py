@@ -71,3 +71,17 @@ def test_rotary_leaves_non_rotary_dims_and_norms():
     assert torch.equal(out[..., 16:], x[..., 16:])
     assert torch.allclose(out[..., :16].norm(dim=-1), x[..., :16].norm(dim=-1), atol=1e-5)
     assert torch.equal(out[:, 0], x[:, 0])  # position 0 is not rotated
+
+
+def test_exclusive_self_attention_removes_the_own_value_component():
+    g = torch.Generator().manual_seed(0)
+    y, v = torch.randn(2, 5, 8, 16, generator=g), torch.randn(2, 5, 4, 16, generator=g)
+    v[0, 0, 1] = 0.0  # a zero value: nothing to remove, and no division by zero
+    out = tg.exclusive_self_attention(y, v)
+    v_heads = v.repeat_interleave(2, dim=2)  # GQA: heads 2j and 2j+1 share value head j
+    assert (out * v_heads).sum(-1).abs().max() < 1e-5  # orthogonal to the token's own value
+    vn = F.normalize(v_heads, dim=-1)
+    torch.testing.assert_close(out, y - (y * vn).sum(-1, keepdim=True) * vn, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[0, 0, 2:4], y[0, 0, 2:4])
+    assert out.dtype == y.dtype and out.shape == y.shape
+    assert tg.exclusive_self_attention(y.bfloat16(), v.bfloat16()).dtype == torch.bfloat16

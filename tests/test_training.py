@@ -58,6 +58,18 @@ def test_compile_warmup_restores_the_initial_state(smoke_data, tmp_path):
     assert not trainer.model.looping
 
 
+def test_steps_read_the_micro_batches_in_loader_order(smoke_data, tmp_path):
+    """Trainer.step draws the next step's first micro-batch ahead; the order must stay the loader's."""
+    hp, ctx, trainer = make_trainer(smoke_data, tmp_path, WARMUP_STEPS="0")
+    seen, model = [], trainer.train_model
+    trainer.train_model = lambda x, y, *args: (seen.append(x.clone()), model(x, y, *args))[1]
+    for step in range(3):
+        trainer.step(step, 1.0)
+    fresh = tg.ShuffledSequenceLoader(trainer.train_files, hp.train_seq_len, hp.seed, 0, 1, torch.device("cpu"))
+    assert len(seen) == 3 * trainer.grad_accum
+    assert all(torch.equal(x, fresh.next_batch(trainer.micro_seqs)[0]) for x in seen)
+
+
 def test_data_order_depends_on_seed_and_rank(smoke_data):
     files = tg.find_shards(os.path.join(smoke_data[0], "fineweb_train_*.bin"), "training")
     first = lambda seed, rank: tg.ShuffledSequenceLoader(files, 64, seed, rank, 2, torch.device("cpu")).next_batch(4)[0]
