@@ -58,12 +58,57 @@ def attention_forward(fused_qkv=False, kv_expand=False, bhtd=False):
     return forward
 
 
+def parallel_block_forward():
+    """Parallel-residual Block.forward with one GEMM for q, k, v and the MLP's fc (they all read the same input)."""
+    original = tg.Block.forward
+
+    def forward(self, x, x0, doc_mask=None, lora=None):
+        if not (self.parallel and torch.compiler.is_compiling()):
+            return original(self, x, x0, doc_mask, lora)
+        a = self.attn
+        mix = self.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        u = self._norm(x)
+        B, T, _ = u.shape
+        H, Hkv, Dh = a.num_heads, a.num_kv_heads, a.head_dim
+        w = torch.cat((a.c_q.weight, a.c_k.weight, a.c_v.weight, self.mlp.fc.weight)).to(u.dtype)
+        q, k, v, h = F.linear(u, w).split((H * Dh, Hkv * Dh, Hkv * Dh, self.mlp.fc.weight.size(0)), dim=-1)
+        q, k, v = q.view(B, T, H, Dh), k.view(B, T, Hkv, Dh), v.view(B, T, Hkv, Dh)
+        q, k = a.rotary(tg.rms_norm(q)), a.rotary(tg.rms_norm(k))
+        q = q * a.q_gain.to(q.dtype)[None, None, :, None]
+        y = tg.causal_attention(q, k, v)
+        if a.xsa:
+            y = tg.exclusive_self_attention(y, v)
+        if a.attn_gate_w is not None:
+            gate = torch.sigmoid(F.linear(u[..., :tg.ATTN_GATE_WINDOW], a.attn_gate_w.to(u.dtype)))
+            y = y * gate.to(y.dtype)[..., None]
+        attn_out = a.proj(y.reshape(B, T, -1))
+        mlp_out = self.mlp.proj(F.leaky_relu(h, 0.5).square())
+        return x + self.attn_scale.to(x.dtype) * attn_out + self.mlp_scale.to(x.dtype) * mlp_out
+
+    return forward
+
+
+def rotary_swapped(self, x):
+    """RoPE as x * C + swap(x) * S with full-width tables (no arithmetic inside the concatenation)."""
+    T, half, D = x.size(1), self.dims // 2, x.size(-1)
+    cos, sin = self.cos[:, :T], self.sin[:, :T]
+    one, zero = torch.ones_like(cos[..., :1]).expand(*cos.shape[:-1], D - self.dims), torch.zeros_like(
+        cos[..., :1]).expand(*cos.shape[:-1], D - self.dims)
+    C = torch.cat((cos, cos, one), -1).to(x.dtype)
+    S = torch.cat((sin, -sin, zero), -1).to(x.dtype)
+    swapped = torch.cat((x[..., half:self.dims], x[..., :half], x[..., self.dims:]), -1)
+    return x * C + swapped * S
+
+
 VARIANTS = {
     "current": {},
     "rewritten": {(tg.Attention, "forward"): attention_forward()},  # the same math as current: checks the harness
     "fused_qkv": {(tg.Attention, "forward"): attention_forward(fused_qkv=True)},
     "kv_expand": {(tg.Attention, "forward"): attention_forward(kv_expand=True)},
     "bhtd": {(tg.Attention, "forward"): attention_forward(bhtd=True)},
+    "parallel_fused": {(tg.Block, "forward"): parallel_block_forward()},
+    "rope_swapped": {(tg.Rotary, "forward"): rotary_swapped},
 }
 
 
@@ -116,7 +161,7 @@ def main():
     x0 = torch.randn(B, T, D, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
     grad = torch.randn(B, T, D, device="cuda", dtype=torch.bfloat16, generator=g)
     rows, reference = [], {}
-    originals = {(cls, name): getattr(cls, name) for cls in (tg.Attention, tg.MLP, tg.Block)
+    originals = {(cls, name): getattr(cls, name) for cls in (tg.Attention, tg.MLP, tg.Block, tg.Rotary)
                  for name in ("forward",)}
     for variant in args.variants.split(","):
         for (cls, name), fn in originals.items():

@@ -85,3 +85,36 @@ def test_exclusive_self_attention_removes_the_own_value_component():
     torch.testing.assert_close(out[0, 0, 2:4], y[0, 0, 2:4])
     assert out.dtype == y.dtype and out.shape == y.shape
     assert tg.exclusive_self_attention(y.bfloat16(), v.bfloat16()).dtype == torch.bfloat16
+
+
+def test_parallel_block_fuses_its_input_projections_without_changing_results():
+    hp = tg.load_hyperparameters({"SMOKE": "1"})
+    tg.configure_attention("sdpa_math")
+    torch.manual_seed(0)
+    block = tg.Block(hp, layer=hp.parallel_residual_start)
+    assert block.parallel and block.fuse_input_projections
+    with torch.no_grad():
+        for p in block.parameters():
+            if p.ndim == 2:
+                p.normal_(0, p.size(1) ** -0.5)  # zero-initialized projections would hide both branches
+    x, x0 = torch.randn(2, 16, hp.model_dim, requires_grad=True), torch.randn(2, 16, hp.model_dim)
+    ops = []
+
+    def counting_backend(gm, example_inputs):
+        ops.extend(n.target for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    results = []
+    for fuse, fn in ((False, tg.run_block), (True, tg.run_block),
+                     (True, torch.compile(tg.run_block, backend=counting_backend, fullgraph=True))):
+        block.fuse_input_projections = fuse
+        x.grad = None
+        block.zero_grad(set_to_none=True)
+        out = fn(block, x, x0)
+        out.square().sum().backward()
+        results.append((out.detach(), x.grad.clone(), block.mlp.fc.weight.grad.clone(), block.attn.c_k.weight.grad.clone()))
+    for separate, fused in zip(results[0], results[1]):
+        torch.testing.assert_close(fused, separate, rtol=1e-5, atol=1e-5)
+    for fused, compiled in zip(results[1], results[2]):
+        assert torch.equal(fused, compiled)
+    assert sum(t is torch._C._nn.linear for t in ops) == 1 + 1 + 1 + 1  # fused q/k/v/fc, gate, attn proj, mlp proj
