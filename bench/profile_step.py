@@ -118,10 +118,13 @@ def main():
     trainer.compile_warmup()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = dict(attention=backend, compile_warmup_s=time.perf_counter() - t0, micro_seqs=trainer.micro_seqs,
+    warmup_s = time.perf_counter() - t0
+    compile_times = tg.torch._dynamo.utils.compile_times(repr="str", aggregate=True)  # where the warm-up went
+    result = dict(attention=backend, compile_warmup_s=warmup_s, compile_times=compile_times, micro_seqs=trainer.micro_seqs,
                   phases=[profile_phase(trainer, looping, args.steps, out) for looping in (False, True)])
     (out / "profile_step.json").write_text(json.dumps(result, indent=2))
     print(f"attention:{backend} compile_warmup:{result['compile_warmup_s']:.1f}s micro_seqs:{trainer.micro_seqs}")
+    print(compile_times)
     for ph in result["phases"]:
         print(f"\nlooping={ph['looping']}: wall {ph['wall_ms_per_step']:.1f} ms/step, "
               f"GPU kernels {ph['gpu_ms_per_step']:.1f} ms/step (profiled)")
