@@ -927,7 +927,7 @@ class Attention(nn.Module):
         self.attn_gate_w = nn.Parameter(torch.zeros(num_heads, ATTN_GATE_WINDOW)) if gate else None
 
     def forward(self, u: Tensor, doc_mask=None, lora=None, qkv=None) -> Tensor:
-        """qkv: the c_q, c_k, c_v outputs for u when the caller computed them (a parallel block's fused GEMM)."""
+        """qkv: the c_q, c_k, c_v outputs for u when the caller computed them (the block's fused GEMM)."""
         B, T, _ = u.shape
         q, k, v = qkv if qkv is not None else (self.c_q(u), self.c_k(u), self.c_v(u))
         if lora is not None:  # test-time LoRA (section 7): per-sequence low-rank corrections, all read from u
@@ -980,24 +980,24 @@ class Block(nn.Module):
         # the scale itself to bf16).
         return (rms_norm(x).float() * self.ln_scale).to(x.dtype)
 
-    def _input_projections(self, u: Tensor) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor]:
-        """c_q, c_k, c_v and fc of u as one GEMM: in a parallel block the four read the same input. Also one GEMM for
-        the input gradient, which otherwise sums four; 0.24 ms less per block call forward + backward at the
-        training shape on an H100 (bench/block.py)."""
-        linears = (self.attn.c_q, self.attn.c_k, self.attn.c_v, self.mlp.fc)
+    def _input_projections(self, u: Tensor, linears: tuple) -> list[Tensor]:
+        """The outputs of linears that read the same input u, as one GEMM: c_q, c_k, c_v (and, in a parallel block,
+        fc). Also one GEMM for u's gradient, which otherwise sums one per linear. At the training shape on an H100
+        (bench/block.py) 0.24 ms less per parallel block call forward + backward, 0.08 ms per sequential one."""
         out = F.linear(u, torch.cat([m.weight for m in linears]).to(u.dtype))
-        q, k, v, fc_out = out.split([m.weight.size(0) for m in linears], dim=-1)
-        return (q, k, v), fc_out
+        return out.split([m.weight.size(0) for m in linears], dim=-1)
 
     def forward(self, x: Tensor, x0: Tensor, doc_mask=None, lora=None) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
+        u = self._norm(x)
+        same_input = (self.attn.c_q, self.attn.c_k, self.attn.c_v) + ((self.mlp.fc,) if self.parallel else ())
+        fused = self._input_projections(u, same_input) if self.fuse_input_projections else None
+        attn_out = self.attn(u, doc_mask, lora, None if fused is None else fused[:3])
         if self.parallel:  # GPT-J style: attention and MLP read the same normalized input
-            u = self._norm(x)
-            qkv, fc_out = self._input_projections(u) if self.fuse_input_projections else (None, None)
-            return (x + self.attn_scale.to(x.dtype) * self.attn(u, doc_mask, lora, qkv)
-                    + self.mlp_scale.to(x.dtype) * self.mlp(u, lora, fc_out))
-        x = x + self.attn_scale.to(x.dtype) * self.attn(self._norm(x), doc_mask, lora)
+            mlp_out = self.mlp(u, lora, None if fused is None else fused[3])
+            return x + self.attn_scale.to(x.dtype) * attn_out + self.mlp_scale.to(x.dtype) * mlp_out
+        x = x + self.attn_scale.to(x.dtype) * attn_out
         return x + self.mlp_scale.to(x.dtype) * self.mlp(self._norm(x), lora)
 
 

@@ -23,21 +23,12 @@ import train_gpt as tg  # noqa: E402
 from cuda_timing import median_ms  # noqa: E402
 
 
-def attention_forward(fused_qkv=False, kv_expand=False, bhtd=False):
-    """Candidate Attention.forward implementations (doc_mask and lora unsupported: the bench passes neither).
-
-    Measured on an H100 (fwd+bwd ms per call, sequential / parallel block, before XSA was rewritten): current 8.141 /
-    7.964; fused_qkv (one GEMM for q, k, v) 8.064 / 7.937; kv_expand (K/V repeated to 8 heads, no GQA in cuDNN)
-    8.146 / 7.978; bhtd (q, k, v made contiguous [B, H, T, D]) 8.097 / 7.972. None was adopted; XSA as one reduction
-    over broadcast values (now exclusive_self_attention) measured 7.907 / 7.713 and was."""
-    def forward(self, u, doc_mask=None, lora=None):
+def attention_forward(kv_expand=False, bhtd=False):
+    """Candidate Attention.forward implementations (doc_mask and lora unsupported: the bench passes neither)."""
+    def forward(self, u, doc_mask=None, lora=None, qkv=None):
         B, T, C = u.shape
         H, Hkv, Dh = self.num_heads, self.num_kv_heads, self.head_dim
-        if fused_qkv and torch.compiler.is_compiling():
-            w = torch.cat((self.c_q.weight, self.c_k.weight, self.c_v.weight)).to(u.dtype)
-            q, k, v = F.linear(u, w).split((H * Dh, Hkv * Dh, Hkv * Dh), dim=-1)
-        else:
-            q, k, v = self.c_q(u), self.c_k(u), self.c_v(u)
+        q, k, v = qkv if qkv is not None else (self.c_q(u), self.c_k(u), self.c_v(u))
         q, k, v = q.view(B, T, H, Dh), k.view(B, T, Hkv, Dh), v.view(B, T, Hkv, Dh)
         q, k = self.rotary(tg.rms_norm(q)), self.rotary(tg.rms_norm(k))
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
@@ -58,57 +49,41 @@ def attention_forward(fused_qkv=False, kv_expand=False, bhtd=False):
     return forward
 
 
-def parallel_block_forward():
-    """Parallel-residual Block.forward with one GEMM for q, k, v and the MLP's fc (they all read the same input)."""
-    original = tg.Block.forward
-
-    def forward(self, x, x0, doc_mask=None, lora=None):
-        if not (self.parallel and torch.compiler.is_compiling()):
-            return original(self, x, x0, doc_mask, lora)
-        a = self.attn
-        mix = self.resid_mix.to(x.dtype)
-        x = mix[0] * x + mix[1] * x0
-        u = self._norm(x)
-        B, T, _ = u.shape
-        H, Hkv, Dh = a.num_heads, a.num_kv_heads, a.head_dim
-        w = torch.cat((a.c_q.weight, a.c_k.weight, a.c_v.weight, self.mlp.fc.weight)).to(u.dtype)
-        q, k, v, h = F.linear(u, w).split((H * Dh, Hkv * Dh, Hkv * Dh, self.mlp.fc.weight.size(0)), dim=-1)
-        q, k, v = q.view(B, T, H, Dh), k.view(B, T, Hkv, Dh), v.view(B, T, Hkv, Dh)
-        q, k = a.rotary(tg.rms_norm(q)), a.rotary(tg.rms_norm(k))
-        q = q * a.q_gain.to(q.dtype)[None, None, :, None]
-        y = tg.causal_attention(q, k, v)
-        if a.xsa:
-            y = tg.exclusive_self_attention(y, v)
-        if a.attn_gate_w is not None:
-            gate = torch.sigmoid(F.linear(u[..., :tg.ATTN_GATE_WINDOW], a.attn_gate_w.to(u.dtype)))
-            y = y * gate.to(y.dtype)[..., None]
-        attn_out = a.proj(y.reshape(B, T, -1))
-        mlp_out = self.mlp.proj(F.leaky_relu(h, 0.5).square())
-        return x + self.attn_scale.to(x.dtype) * attn_out + self.mlp_scale.to(x.dtype) * mlp_out
-
-    return forward
-
-
 def rotary_swapped(self, x):
     """RoPE as x * C + swap(x) * S with full-width tables (no arithmetic inside the concatenation)."""
     T, half, D = x.size(1), self.dims // 2, x.size(-1)
     cos, sin = self.cos[:, :T], self.sin[:, :T]
-    one, zero = torch.ones_like(cos[..., :1]).expand(*cos.shape[:-1], D - self.dims), torch.zeros_like(
-        cos[..., :1]).expand(*cos.shape[:-1], D - self.dims)
-    C = torch.cat((cos, cos, one), -1).to(x.dtype)
-    S = torch.cat((sin, -sin, zero), -1).to(x.dtype)
+    rest = cos[..., :1].expand(*cos.shape[:-1], D - self.dims)
+    C = torch.cat((cos, cos, torch.ones_like(rest)), -1).to(x.dtype)
+    S = torch.cat((sin, -sin, torch.zeros_like(rest)), -1).to(x.dtype)
     swapped = torch.cat((x[..., half:self.dims], x[..., :half], x[..., self.dims:]), -1)
     return x * C + swapped * S
 
 
+def patch(cls, name, fn):
+    return lambda model: setattr(cls, name, fn)
+
+
+def unfused_projections(model):
+    for b in model.blocks:
+        b.fuse_input_projections = False
+
+
+# name -> setup(model), applied after the classes and the blocks are restored to train_gpt.py's state. Measured on an
+# H100 (fwd+bwd ms per call, sequential / parallel block), each run against its own `current`:
+# - XSA normalizing v first (then current) 8.141 / 7.964; XSA as one reduction (now exclusive_self_attention) 7.907 /
+#   7.713.
+# - separate input projections (then current) 8.077 / 7.809; one GEMM for the parallel block's q, k, v and fc
+#   7.568 (parallel); one GEMM for q, k, v alone 8.064 / 7.937 (against 8.141 / 7.964): both adopted.
+# - kv_expand (K/V repeated to 8 heads, no GQA in cuDNN) 8.146 / 7.978, bhtd (q, k, v contiguous [B, H, T, D])
+#   8.097 / 7.972, rope_swapped 8.009 / 7.787 (against 8.077 / 7.809): not adopted.
 VARIANTS = {
-    "current": {},
-    "rewritten": {(tg.Attention, "forward"): attention_forward()},  # the same math as current: checks the harness
-    "fused_qkv": {(tg.Attention, "forward"): attention_forward(fused_qkv=True)},
-    "kv_expand": {(tg.Attention, "forward"): attention_forward(kv_expand=True)},
-    "bhtd": {(tg.Attention, "forward"): attention_forward(bhtd=True)},
-    "parallel_fused": {(tg.Block, "forward"): parallel_block_forward()},
-    "rope_swapped": {(tg.Rotary, "forward"): rotary_swapped},
+    "current": lambda model: None,
+    "rewritten": patch(tg.Attention, "forward", attention_forward()),  # current's math: checks the harness
+    "unfused_projections": unfused_projections,
+    "kv_expand": patch(tg.Attention, "forward", attention_forward(kv_expand=True)),
+    "bhtd": patch(tg.Attention, "forward", attention_forward(bhtd=True)),
+    "rope_swapped": patch(tg.Rotary, "forward", rotary_swapped),
 }
 
 
@@ -161,13 +136,13 @@ def main():
     x0 = torch.randn(B, T, D, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
     grad = torch.randn(B, T, D, device="cuda", dtype=torch.bfloat16, generator=g)
     rows, reference = [], {}
-    originals = {(cls, name): getattr(cls, name) for cls in (tg.Attention, tg.MLP, tg.Block, tg.Rotary)
-                 for name in ("forward",)}
+    originals = {cls: cls.forward for cls in (tg.Attention, tg.MLP, tg.Block, tg.Rotary)}
     for variant in args.variants.split(","):
-        for (cls, name), fn in originals.items():
-            setattr(cls, name, fn)
-        for (cls, name), fn in VARIANTS[variant].items():
-            setattr(cls, name, fn)
+        for cls, fn in originals.items():
+            cls.forward = fn
+        for b in model.blocks:
+            b.fuse_input_projections = True
+        VARIANTS[variant](model)
         torch._dynamo.reset()
         tg._COMPILED_REGIONS.clear()
         for kind, layer in layers.items():

@@ -160,3 +160,28 @@ def test_graphs_compiled_on_the_eval_clock_are_counted():
     clean = "quantized val_loss:1.0 val_bpb:1.0 eval_time:5ms\n"
     assert suite.parse_evaluation(clean)["graphs_compiled_on_eval_clock"] == 0
     assert suite.parse_evaluation(clean + warning + "\n")["graphs_compiled_on_eval_clock"] == 3
+
+
+def test_block_bench_variants_compute_what_train_gpt_computes():
+    """bench/block.py times alternative forwards against train_gpt.py's; they must stay the same math (CPU)."""
+    import block
+
+    hp = tg.load_hyperparameters({"SMOKE": "1"})
+    tg.configure_attention("sdpa_math")
+    torch.manual_seed(0)
+    model = tg.build_model(hp, torch.device("cpu"))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0, p.size(1) ** -0.5)
+    attn, u = model.blocks[0].attn, torch.randn(2, 16, hp.model_dim)
+    original = tg.Attention.forward
+    reference = original(attn, u)
+    try:
+        for name in ("rewritten", "kv_expand", "bhtd"):
+            block.VARIANTS[name](model)
+            torch.testing.assert_close(tg.Attention.forward(attn, u), reference, rtol=1e-5, atol=1e-5)
+    finally:
+        tg.Attention.forward = original
+    q = torch.randn(2, 16, hp.num_heads, hp.model_dim // hp.num_heads)
+    torch.testing.assert_close(block.rotary_swapped(attn.rotary, q), attn.rotary(q))

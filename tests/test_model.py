@@ -87,12 +87,13 @@ def test_exclusive_self_attention_removes_the_own_value_component():
     assert tg.exclusive_self_attention(y.bfloat16(), v.bfloat16()).dtype == torch.bfloat16
 
 
-def test_parallel_block_fuses_its_input_projections_without_changing_results():
+@pytest.mark.parametrize("parallel", [False, True])
+def test_blocks_fuse_their_input_projections_without_changing_results(parallel):
     hp = tg.load_hyperparameters({"SMOKE": "1"})
     tg.configure_attention("sdpa_math")
     torch.manual_seed(0)
-    block = tg.Block(hp, layer=hp.parallel_residual_start)
-    assert block.parallel and block.fuse_input_projections
+    block = tg.Block(hp, layer=hp.parallel_residual_start if parallel else 0)
+    assert block.parallel == parallel and block.fuse_input_projections
     with torch.no_grad():
         for p in block.parameters():
             if p.ndim == 2:
@@ -117,4 +118,5 @@ def test_parallel_block_fuses_its_input_projections_without_changing_results():
         torch.testing.assert_close(fused, separate, rtol=1e-5, atol=1e-5)
     for fused, compiled in zip(results[1], results[2]):
         assert torch.equal(fused, compiled)
-    assert sum(t is torch._C._nn.linear for t in ops) == 1 + 1 + 1 + 1  # fused q/k/v/fc, gate, attn proj, mlp proj
+    # fused q/k/v (and fc when parallel), gate, attention proj, mlp proj (and fc when sequential)
+    assert sum(t is torch._C._nn.linear for t in ops) == (4 if parallel else 5)
