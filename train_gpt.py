@@ -1499,14 +1499,14 @@ class Trainer:
     def new_loader(self):
         self.loader = ShuffledSequenceLoader(self.train_files, self.hp.train_seq_len, self.hp.seed, self.ctx.rank,
                                              self.ctx.world_size, self.ctx.device)
-        self.next_batch = None  # the next micro-batch, drawn ahead (see step)
+        self.batch_ahead = None  # the next micro-batch, drawn before it is needed (see step)
 
     def step(self, step: int, lr_mul: float) -> Tensor:
         """One optimizer step over grad_accum micro-batches; returns the mean loss (on device, not synced)."""
         total = torch.zeros((), device=self.ctx.device)
         for micro in range(self.grad_accum):
-            batch, self.next_batch = self.next_batch, None
-            x, y = batch or self.loader.next_batch(self.micro_seqs)
+            ahead, self.batch_ahead = self.batch_ahead, None
+            x, y = ahead if ahead is not None else self.loader.next_batch(self.micro_seqs)
             last = micro == self.grad_accum - 1
             sync_ctx = self.train_model.no_sync() if self.ctx.distributed and not last else nullcontext()
             with sync_ctx, self.ctx.autocast(), sdpa_context():
@@ -1526,7 +1526,7 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
         # Drawn now, while the GPU still works through this step: drawn after the loss sync that ends a step, it left
         # the GPU idle ~2.3 ms per step on an H100 (bench/profile_step.py). The data order is the same.
-        self.next_batch = self.loader.next_batch(self.micro_seqs)
+        self.batch_ahead = self.loader.next_batch(self.micro_seqs)
         return total / self.grad_accum
 
     def compile_warmup(self) -> list[int]:

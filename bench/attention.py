@@ -38,7 +38,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train_gpt as tg
-from cuda_timing import median_ms  # noqa: E402
+from cuda_timing import median_ms, write_result  # noqa: E402
 
 T, H, HKV, D = 2048, 8, 4, 64
 CHECK_ROWS = 2  # rows compared against the fp32 reference
@@ -247,9 +247,7 @@ def main():
             result["results"].append(row)
             print(json.dumps(row), flush=True)
             torch.cuda.empty_cache()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "attention.json").write_text(json.dumps(result, indent=2))
+    path = write_result(args.out, "attention.json", result)
     print(f"\n{result['device']}  torch {result['torch']}  fa3:{fa3}")
     for b in result["batches"]:
         print(f"rows {b['rows']}: {b['segments_per_row_mean']:.2f} documents/row (max {b['segments_per_row_max']}), "
@@ -266,7 +264,7 @@ def main():
               f"{r['err_grad']:>9.4f}  {'yes' if r['ok'] else 'NO'}"
               f"{'  (recompiled!)' if r.get('recompiled') else ''}")
     print(f"ms per call (median of {args.iters}); x11/x17 = build + layers * fwd+bwd, per micro-batch; "
-          f"wrote {out / 'attention.json'}")
+          f"wrote {path}")
     for rows in sorted({r["rows"] for r in result["results"]}):
         good = [r for r in result["results"] if r["rows"] == rows and r.get("ok")]
         dense = [r for r in good if r["case"].endswith("dense")]

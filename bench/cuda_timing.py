@@ -1,5 +1,7 @@
 """Shared by the GPU micro-benchmarks (run as `python3 bench/<name>.py`, so this folder is on sys.path)."""
+import json
 import statistics
+from pathlib import Path
 
 import torch
 
@@ -18,3 +20,11 @@ def median_ms(fn, iters: int) -> float:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def write_result(out: str | Path, name: str, result: dict) -> Path:
+    """result as indented JSON in out/name (out is created), for the device tool to bring back; returns the path."""
+    path = Path(out) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    return path

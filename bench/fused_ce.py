@@ -14,7 +14,6 @@
 Prints tables and writes <out>/fused_ce.json (out: --out, else $OUT, else bench_out).
 """
 import argparse
-import json
 import os
 import tempfile
 import sys
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train_gpt as tg
-from cuda_timing import median_ms  # noqa: E402
+from cuda_timing import median_ms, write_result  # noqa: E402
 
 CAP = 30.0
 
@@ -208,11 +207,9 @@ def main():
         print("\nfused loss by block and warps")
         print_table(sweep, ["block", "warps", "fwd_ms", "fwd_bwd_ms"])
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     result = dict(env=env, correctness=checks, all_ok=all(c["ok"] for c in checks), timings=timings, sweep=sweep)
-    (out / "fused_ce.json").write_text(json.dumps(result, indent=2))
-    print(f"\nall correctness checks ok: {result['all_ok']}; wrote {out / 'fused_ce.json'}")
+    path = write_result(args.out, "fused_ce.json", result)
+    print(f"\nall correctness checks ok: {result['all_ok']}; wrote {path}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ all of the above, so its cost here is what is left once libraries and kernels ar
 writes <out>/startup.json.
 """
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -20,6 +19,8 @@ T0 = time.perf_counter()
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+
+from cuda_timing import write_result  # noqa: E402
 
 IMPORT_TORCH_S = time.perf_counter() - T0
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,10 +71,7 @@ def main():
     t0 = time.perf_counter()
     rows["configure_attention"] = tg.configure_attention()
     rows["configure_attention_s"] = time.perf_counter() - t0
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "startup.json").write_text(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                                                      **rows), indent=2))
+    write_result(args.out, "startup.json", dict(device=torch.cuda.get_device_name(), torch=torch.__version__, **rows))
     for key, value in rows.items():
         print(f"{key:<32}{value:.3f}" if isinstance(value, float) else f"{key:<32}{value}")
 
