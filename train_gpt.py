@@ -101,6 +101,7 @@ class Hyperparameters:
     qk_gain_init: float = 5.25
     logit_softcap: float = 30.0
     fused_ce: int = 1  # training loss by the fused Triton kernels (CUDA); the eager CE where Triton is missing
+    fused_mlp: int = 1  # training MLP by the fused Triton GEMM + LeakyReLU² kernels (CUDA); else the module path
     xsa_last_n: int = 11
     sparse_attn_gate_enabled: int = 1  # per-head sigmoid gate on each attention output, from 12 input channels
     doc_isolated_attn: int = 0  # 1: training attention never crosses a BOS; costs ~40% of attention time without FA3
@@ -948,12 +949,20 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, fused: bool = False):
         super().__init__()
         self.fc = CastedLinear(dim, hidden)
         self.proj = CastedLinear(hidden, dim)
+        self.fused = fused
+
+    def runs_fused(self, u: Tensor, lora=None) -> bool:
+        """Training steps take the fused kernels; evaluation, GPTQ calibration (eval mode) and LoRA TTT do not."""
+        return (self.fused and lora is None and self.training and torch.is_grad_enabled()
+                and fused_kernels_supported(u.device))
 
     def forward(self, u: Tensor, lora=None, fc_out=None) -> Tensor:
+        if fc_out is None and self.runs_fused(u, lora):
+            return leaky_relu_sq_mlp(u, self.fc.weight.to(u.dtype), self.proj.weight.to(u.dtype))
         out = self.proj(F.leaky_relu(self.fc(u) if fc_out is None else fc_out, 0.5).square())
         return out if lora is None else out + lora("mlp", u)
 
@@ -965,7 +974,7 @@ class Block(nn.Module):
         self.attn = Attention(dim, hp.num_heads, hp.num_kv_heads, hp.rope_dims, hp.rope_base, hp.qk_gain_init,
                               xsa=layer >= hp.num_layers - hp.xsa_last_n,
                               max_len=max(hp.train_seq_len, hp.eval_seq_len), gate=bool(hp.sparse_attn_gate_enabled))
-        self.mlp = MLP(dim, int(hp.mlp_mult * dim))
+        self.mlp = MLP(dim, int(hp.mlp_mult * dim), fused=bool(hp.fused_mlp))
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
@@ -992,11 +1001,12 @@ class Block(nn.Module):
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         u = self._norm(x)
-        same_input = (self.attn.c_q, self.attn.c_k, self.attn.c_v) + ((self.mlp.fc,) if self.parallel else ())
+        fc_shares_gemm = self.parallel and not self.mlp.runs_fused(u, lora)  # the fused MLP does its own fc
+        same_input = (self.attn.c_q, self.attn.c_k, self.attn.c_v) + ((self.mlp.fc,) if fc_shares_gemm else ())
         fused = self._input_projections(u, same_input) if self.fuse_input_projections else None
         attn_out = self.attn(u, doc_mask, lora, None if fused is None else fused[:3])
         if self.parallel:  # GPT-J style: attention and MLP read the same normalized input
-            mlp_out = self.mlp(u, lora, None if fused is None else fused[3])
+            mlp_out = self.mlp(u, lora, fused[3] if fused is not None and fc_shares_gemm else None)
             return x + self.attn_scale.to(x.dtype) * attn_out + self.mlp_scale.to(x.dtype) * mlp_out
         x = x + self.attn_scale.to(x.dtype) * attn_out
         return x + self.mlp_scale.to(x.dtype) * self.mlp(self._norm(x), lora)
@@ -1032,7 +1042,7 @@ FUSED_CE_BLOCK, FUSED_CE_WARPS = 2048, 4
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # Triton's CPU interpreter: tests run the kernels
 
 
-def fused_ce_supported(device: torch.device) -> bool:
+def fused_kernels_supported(device: torch.device) -> bool:
     return triton is not None and (device.type == "cuda" or (TRITON_INTERPRET and device.type == "cpu"))
 
 
@@ -1121,8 +1131,177 @@ if triton is not None:
 
 
 def softcap_cross_entropy(z: Tensor, targets: Tensor, cap: float) -> Tensor:
-    """Per-row CE of softmax(cap·tanh(z/cap)) by the fused kernels (needs fused_ce_supported(z.device))."""
+    """Per-row CE of softmax(cap·tanh(z/cap)) by the fused kernels (needs fused_kernels_supported(z.device))."""
     return torch.ops.pgolf.softcap_ce(z, targets, cap)[0]
+
+
+# -----------------------------------------------------------------------------------------------------
+# Fused LeakyReLU² MLP (Triton, training only; record #1787 fuses the same two places). The activation is memory-bound:
+# unfused, the up-projection writes pre = u·W_fcᵀ [N, 2048] and a kernel reads it back to write post = leaky(pre)²;
+# backward, the down-projection's input-gradient GEMM writes d post and a kernel reads it and pre to write d pre (and
+# post again, for W_proj's gradient). Here the up-projection GEMM writes pre and post from its accumulator, and the
+# d post GEMM multiplies by d post/d pre = 2·pre (pre > 0) or 0.5·pre (pre <= 0), reading pre, before it writes d pre.
+# Post is kept for the backward instead of recomputed (+0.4 GB of activations per layer call at 98,304 tokens).
+# The other three GEMMs stay cuBLAS. Evaluation, GPTQ calibration (its hooks need the linears) and LoRA TTT take the
+# module path.
+# -----------------------------------------------------------------------------------------------------
+
+# Tile (rows, columns, depth), L2 grouping of row tiles, warps and pipeline stages of each GEMM. H100, u [98304, 512],
+# hidden 2048 (bench/fused_mlp.py sweep).
+FUSED_MLP_UP = dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=4, persistent=True)
+FUSED_MLP_GRAD = dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=4, persistent=True)
+
+if triton is not None:
+
+    @triton.jit
+    def _mlp_gemm_kernel(a_ptr, b_ptr, out_ptr, act_ptr, M, N, stride_am, stride_bk, stride_bn,
+                         K: tl.constexpr, UP: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                         GROUP_M: tl.constexpr):
+        """A [M, K] (rows contiguous) times B [K, N] (any strides), then the activation epilogue. UP: out = pre and
+        act = leaky(pre)², from pre rounded to out's dtype as the module path rounds it. Else act holds pre and
+        out = acc·d post/d pre. K (the model width) is a compile-time constant: a fixed-length loop, and Triton's CPU
+        interpreter needs it so with NumPy >= 2.4."""
+        pid = tl.program_id(0)
+        tiles_m, tiles_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
+        group = GROUP_M * tiles_n  # GROUP_M row tiles sweep all column tiles while their A rows sit in L2
+        first_m = (pid // group) * GROUP_M
+        group_rows = min(tiles_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % group) % group_rows
+        pid_n = (pid % group) // group_rows
+        rows = pid_m * BM + tl.arange(0, BM)
+        cols = pid_n * BN + tl.arange(0, BN)
+        ks = tl.arange(0, BK)
+        a = a_ptr + rows[:, None].to(tl.int64) * stride_am + ks[None, :]
+        b = b_ptr + ks[:, None] * stride_bk + cols[None, :] * stride_bn
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k in range(0, K, BK):
+            a_tile = tl.load(a, mask=(rows[:, None] < M) & (ks[None, :] < K - k), other=0.0)
+            b_tile = tl.load(b, mask=(ks[:, None] < K - k) & (cols[None, :] < N), other=0.0)
+            if UPCAST:  # Triton's CPU interpreter multiplies bf16 tiles as raw integers; fp32 holds them exactly
+                a_tile, b_tile = a_tile.to(tl.float32), b_tile.to(tl.float32)
+            acc = tl.dot(a_tile, b_tile, acc)
+            a += BK
+            b += BK * stride_bk
+        offsets = rows[:, None].to(tl.int64) * N + cols[None, :]
+        inside = (rows[:, None] < M) & (cols[None, :] < N)
+        if UP:
+            pre = acc.to(out_ptr.dtype.element_ty)
+            tl.store(out_ptr + offsets, pre, mask=inside)
+            h = pre.to(tl.float32)
+            h = tl.where(h > 0, h, 0.5 * h)
+            tl.store(act_ptr + offsets, (h * h).to(act_ptr.dtype.element_ty), mask=inside)
+        else:
+            pre = tl.load(act_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+            slope = tl.where(pre > 0, 2.0 * pre, 0.5 * pre)
+            tl.store(out_ptr + offsets, (acc * slope).to(out_ptr.dtype.element_ty), mask=inside)
+
+    @triton.jit
+    def _mlp_gemm_persistent_kernel(a_desc, b_desc, out_ptr, act_ptr, M, N: tl.constexpr, K: tl.constexpr,
+                                    UP: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                                    BK: tl.constexpr, GROUP_M: tl.constexpr, PROGRAMS: tl.constexpr,
+                                    TILES_EACH: tl.constexpr):
+        """Persistent form: PROGRAMS programs (one per SM) take every PROGRAMS-th output tile, and the flattened loop
+        lets the compiler issue the next tile's TMA loads during this tile's epilogue. B comes as W_fc [N, K] (UP) or
+        W_proj [K, N]. Every program makes TILES_EACH passes (a fixed count: Triton's interpreter needs it so); a pass
+        past the last tile redoes the last tile, writing the same values again, in the otherwise idle last wave."""
+        tiles_m, tiles_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
+        group = GROUP_M * tiles_n  # GROUP_M row tiles sweep all column tiles while their A rows sit in L2
+        for i in tl.range(0, TILES_EACH, flatten=True):
+            tile = tl.minimum(tl.program_id(0) + i * PROGRAMS, tiles_m * tiles_n - 1)
+            first_m = (tile // group) * GROUP_M
+            group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+            pid_m = first_m + (tile % group) % group_rows
+            pid_n = (tile % group) // group_rows
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+            for k in range(0, K, BK):
+                a_tile = a_desc.load([pid_m * BM, k])
+                b_tile = b_desc.load([pid_n * BN, k]).T if UP else b_desc.load([k, pid_n * BN])
+                if UPCAST:
+                    a_tile, b_tile = a_tile.to(tl.float32), b_tile.to(tl.float32)
+                acc = tl.dot(a_tile, b_tile, acc)
+            rows = pid_m * BM + tl.arange(0, BM)
+            cols = pid_n * BN + tl.arange(0, BN)
+            offsets = rows[:, None].to(tl.int64) * N + cols[None, :]
+            inside = (rows[:, None] < M) & (cols[None, :] < N)
+            if UP:
+                pre = acc.to(out_ptr.dtype.element_ty)
+                tl.store(out_ptr + offsets, pre, mask=inside)
+                h = pre.to(tl.float32)
+                h = tl.where(h > 0, h, 0.5 * h)
+                tl.store(act_ptr + offsets, (h * h).to(act_ptr.dtype.element_ty), mask=inside)
+            else:
+                pre = tl.load(act_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+                slope = tl.where(pre > 0, 2.0 * pre, 0.5 * pre)
+                tl.store(out_ptr + offsets, (acc * slope).to(out_ptr.dtype.element_ty), mask=inside)
+
+    from triton.tools.tensor_descriptor import TensorDescriptor  # host-side TMA descriptors (Triton >= 3.4)
+
+    _SM_COUNT = {}
+
+    def _mlp_gemm(a: Tensor, b: Tensor, out: Tensor, act: Tensor, up: bool) -> None:
+        """b is B [K, N] as a strided view (a transposed weight for the up-projection)."""
+        (M, K), N = a.shape, b.size(1)
+        cfg = dict(FUSED_MLP_UP if up else FUSED_MLP_GRAD)
+        BM, BN = cfg["BM"], cfg["BN"]
+        if cfg.pop("persistent", False):
+            if a.device not in _SM_COUNT:
+                _SM_COUNT[a.device] = (torch.cuda.get_device_properties(a.device).multi_processor_count
+                                       if a.device.type == "cuda" else 4)
+            tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
+            programs = min(_SM_COUNT[a.device], tiles)
+            w = b.t() if up else b  # the weight as stored (row-major)
+            b_desc = TensorDescriptor.from_tensor(w, [BN, cfg["BK"]] if up else [cfg["BK"], BN])
+            a_desc = TensorDescriptor.from_tensor(a, [BM, cfg["BK"]])
+            _mlp_gemm_persistent_kernel[(programs,)](a_desc, b_desc, out, act, M, N=N, K=K, UP=up,
+                                                     UPCAST=TRITON_INTERPRET, PROGRAMS=programs,
+                                                     TILES_EACH=triton.cdiv(tiles, programs), **cfg)
+            return
+        grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
+        _mlp_gemm_kernel[grid](a, b, out, act, M, N, a.stride(0), b.stride(0), b.stride(1), K=K, UP=up,
+                               UPCAST=TRITON_INTERPRET, **cfg)
+
+    @torch.library.custom_op("pgolf::leaky_relu_sq_mlp", mutates_args=())
+    def _leaky_relu_sq_mlp_op(u: Tensor, w_fc: Tensor, w_proj: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(out, pre, post): out = leaky(u·w_fcᵀ)²·w_projᵀ for u [N, dim]; pre and post are kept for the backward."""
+        u = u.contiguous()
+        pre = u.new_empty(u.size(0), w_fc.size(0))
+        post = torch.empty_like(pre)
+        if u.numel():
+            _mlp_gemm(u, w_fc.t(), pre, post, up=True)
+        return post @ w_proj.t(), pre, post
+
+    @_leaky_relu_sq_mlp_op.register_fake
+    def _leaky_relu_sq_mlp_fake(u, w_fc, w_proj):
+        pre = u.new_empty(u.size(0), w_fc.size(0))
+        return u.new_empty(u.size(0), w_proj.size(0)), pre, torch.empty_like(pre)
+
+    @torch.library.custom_op("pgolf::leaky_relu_sq_mlp_backward", mutates_args=())
+    def _leaky_relu_sq_mlp_backward_op(grad: Tensor, u: Tensor, w_fc: Tensor, w_proj: Tensor, pre: Tensor,
+                                       post: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(d u, d w_fc, d w_proj) for the output gradient `grad` [N, dim]."""
+        grad = grad.contiguous()
+        d_pre = torch.empty_like(pre)
+        if grad.numel():
+            _mlp_gemm(grad, w_proj, d_pre, pre, up=False)
+        return d_pre @ w_fc, d_pre.t() @ u, grad.t() @ post
+
+    @_leaky_relu_sq_mlp_backward_op.register_fake
+    def _leaky_relu_sq_mlp_backward_fake(grad, u, w_fc, w_proj, pre, post):
+        return torch.empty_like(u), torch.empty_like(w_fc), torch.empty_like(w_proj)
+
+    def _leaky_relu_sq_mlp_setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs, output[1], output[2])
+        ctx.mark_non_differentiable(output[1], output[2])
+
+    def _leaky_relu_sq_mlp_grad(ctx, grad_out, grad_pre, grad_post):
+        return torch.ops.pgolf.leaky_relu_sq_mlp_backward(grad_out, *ctx.saved_tensors)
+
+    _leaky_relu_sq_mlp_op.register_autograd(_leaky_relu_sq_mlp_grad, setup_context=_leaky_relu_sq_mlp_setup_context)
+
+
+def leaky_relu_sq_mlp(u: Tensor, w_fc: Tensor, w_proj: Tensor) -> Tensor:
+    """MLP.forward's math by the fused kernels (needs fused_kernels_supported(u.device)); weights in u's dtype."""
+    return torch.ops.pgolf.leaky_relu_sq_mlp(u.reshape(-1, u.size(-1)), w_fc, w_proj)[0].view(*u.shape[:-1], -1)
 
 
 # Compilation units. GPT.forward is made of these module-level functions, called through a Regions object: eagerly
@@ -1148,7 +1327,7 @@ def mix_skip(x: Tensor, skip: Tensor, gate: Tensor, weight: Tensor) -> Tensor:
 def head_loss(model: GPT, h: Tensor, targets: Tensor) -> Tensor:
     """Mean training CE. The fused kernels take z as produced (bf16 under autocast), never an fp32 copy."""
     z = model.pre_softcap_logits(h)
-    if model.fused_ce and fused_ce_supported(z.device):
+    if model.fused_ce and fused_kernels_supported(z.device):
         return softcap_cross_entropy(z.flatten(0, -2), targets.flatten(), model.softcap).mean()
     logits = model.softcap * torch.tanh(z.float() / model.softcap)
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
@@ -3476,7 +3655,8 @@ def main() -> None:
     ctx.log(f"world_size:{ctx.world_size} device:{gpu} torch:{torch.__version__} python:{sys.version.split()[0]} "
             f"attention:{dense} doc_attention:{DOC_ATTENTION_BACKEND if hp.doc_isolated_attn else 'off'}")
     log_compile_cache(hp, ctx)
-    ctx.log(f"fused_ce:{int(bool(hp.fused_ce) and fused_ce_supported(ctx.device))} "
+    ctx.log(f"fused_ce:{int(bool(hp.fused_ce) and fused_kernels_supported(ctx.device))} "
+            f"fused_mlp:{int(bool(hp.fused_mlp) and fused_kernels_supported(ctx.device))} "
             f"triton:{triton.__version__ if triton is not None else 'missing'}")
     sidecar = byte_tables.sidecar is not None
     ctx.log(f"val_byte_accounting: {'per-token byte sidecars fineweb_val_bytes_*' if sidecar else 'tokenizer piece table'}")

@@ -69,6 +69,11 @@ def unfused_projections(model):
         b.fuse_input_projections = False
 
 
+def unfused_mlp(model):
+    for b in model.blocks:
+        b.mlp.fused = False
+
+
 # name -> setup(model), applied after the classes and the blocks are restored to train_gpt.py's state. Measured on an
 # H100 (fwd+bwd ms per call, sequential / parallel block), each run against its own `current`:
 # - XSA normalizing v first (then current) 8.141 / 7.964; XSA as one reduction (now exclusive_self_attention) 7.907 /
@@ -81,6 +86,7 @@ VARIANTS = {
     "current": lambda model: None,
     "rewritten": patch(tg.Attention, "forward", attention_forward()),  # current's math: checks the harness
     "unfused_projections": unfused_projections,
+    "unfused_mlp": unfused_mlp,
     "kv_expand": patch(tg.Attention, "forward", attention_forward(kv_expand=True)),
     "bhtd": patch(tg.Attention, "forward", attention_forward(bhtd=True)),
     "rope_swapped": patch(tg.Rotary, "forward", rotary_swapped),
@@ -141,7 +147,7 @@ def main():
         for cls, fn in originals.items():
             cls.forward = fn
         for b in model.blocks:
-            b.fuse_input_projections = True
+            b.fuse_input_projections, b.mlp.fused = True, bool(hp.fused_mlp)
         VARIANTS[variant](model)
         torch._dynamo.reset()
         tg._COMPILED_REGIONS.clear()

@@ -1,0 +1,151 @@
+"""Fused LeakyReLU² MLP (train_gpt.py section 3) against the module path, on one GPU.
+
+    python3 bench/fused_mlp.py [--rows 98304] [--dim 512] [--hidden 2048] [--iters 20] [--out DIR] [--no-sweep]
+
+1. Correctness at the shape: the fused output and gradients (u, W_fc, W_proj; bf16) and the module path's, each
+   against an fp32 reference from the same bf16 inputs. The fused path passes if each of its errors is at most 1.25×
+   the module path's plus 1e-3 (both round the same intermediates to bf16; the fused one rounds d post once less).
+2. Timing (median of --iters, CUDA events) of forward and forward + backward, and the peak memory above the inputs:
+   the module path eagerly and under torch.compile(fullgraph=True) (what the training region runs unfused), and the
+   fused op eagerly and compiled.
+3. Tile sweep of each fused GEMM alone (FUSED_MLP_UP, FUSED_MLP_GRAD), next to cuBLAS doing the bare GEMM.
+
+Prints tables and writes <out>/fused_mlp.json (out: --out, else $OUT, else bench_out).
+"""
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import train_gpt as tg  # noqa: E402
+from cuda_timing import median_ms, write_result  # noqa: E402
+from fused_ce import peak_mib, print_table  # noqa: E402
+
+CONFIGS = [dict(BM=bm, BN=bn, BK=bk, GROUP_M=g, num_warps=w, num_stages=st, persistent=p)
+           for bm, bn, bk, w, st, g, p in
+           [(128, 256, 64, 8, 3, 8, True), (128, 256, 64, 8, 4, 8, True), (128, 256, 64, 8, 2, 8, True),
+            (128, 128, 64, 8, 4, 8, True), (128, 128, 64, 4, 4, 8, True), (256, 128, 64, 8, 3, 8, True),
+            (128, 256, 64, 8, 3, 16, True), (128, 256, 64, 8, 4, 8, False), (128, 128, 64, 8, 4, 8, False)]]
+
+
+def module_mlp(u, w_fc, w_proj):
+    return F.linear(F.leaky_relu(F.linear(u, w_fc), 0.5).square(), w_proj)
+
+
+def inputs(rows: int, dim: int, hidden: int):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    u = torch.randn(rows, dim, device="cuda", generator=g).bfloat16().requires_grad_()
+    w_fc = (torch.randn(hidden, dim, device="cuda", generator=g) * dim ** -0.5).bfloat16().requires_grad_()
+    w_proj = (torch.randn(dim, hidden, device="cuda", generator=g) * hidden ** -0.5).bfloat16().requires_grad_()
+    grad = torch.randn(rows, dim, device="cuda", generator=g).bfloat16()
+    return [u, w_fc, w_proj], grad
+
+
+def outputs_and_grads(fn, leaves, grad):
+    leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    out = fn(*leaves)
+    out.backward(grad.to(out.dtype))
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+def check(rows: int, dim: int, hidden: int) -> dict:
+    leaves, grad = inputs(rows, dim, hidden)
+    ref = outputs_and_grads(module_mlp, [t.float() for t in leaves], grad)
+    names = ["out", "d_u", "d_w_fc", "d_w_proj"]
+
+    def errors(results):
+        return {n: float((r.float() - e).abs().max() / e.abs().max()) for n, r, e in zip(names, results, ref)}
+
+    fused, module = errors(outputs_and_grads(tg.leaky_relu_sq_mlp, leaves, grad)), \
+        errors(outputs_and_grads(module_mlp, leaves, grad))
+    ok = all(fused[n] <= 1.25 * module[n] + 1e-3 for n in names)
+    return dict(rows=rows, fused=fused, module=module, ok=ok)
+
+
+def time_variants(rows: int, dim: int, hidden: int, iters: int) -> list[dict]:
+    leaves, grad = inputs(rows, dim, hidden)
+    results = []
+    for name, fn in (("module", module_mlp), ("module+compile", torch.compile(module_mlp, fullgraph=True)),
+                     ("fused", tg.leaky_relu_sq_mlp), ("fused+compile", torch.compile(tg.leaky_relu_sq_mlp,
+                                                                                        fullgraph=True))):
+        def forward():
+            with torch.no_grad():
+                fn(*leaves)
+
+        def forward_backward():
+            for t in leaves:
+                t.grad = None
+            fn(*leaves).backward(grad)
+
+        # no_grad forward of the fused op: the custom op still runs its kernels (the module decides by grad mode)
+        results.append(dict(variant=name, fwd_ms=median_ms(forward, iters),
+                            fwd_bwd_ms=median_ms(forward_backward, iters), peak_fwd_bwd_mib=peak_mib(forward_backward)))
+        for t in leaves:
+            t.grad = None
+        torch.cuda.empty_cache()
+    return results
+
+
+def sweep(rows: int, dim: int, hidden: int, iters: int) -> list[dict]:
+    leaves, grad = inputs(rows, dim, hidden)
+    u, w_fc, w_proj = (t.detach() for t in leaves)
+    pre, act = torch.empty(rows, hidden, device="cuda", dtype=torch.bfloat16), torch.empty(rows, hidden,
+                                                                                          device="cuda",
+                                                                                          dtype=torch.bfloat16)
+    out = [dict(gemm="up", config="cuBLAS mm only", ms=median_ms(lambda: u @ w_fc.t(), iters)),
+           dict(gemm="grad", config="cuBLAS mm only", ms=median_ms(lambda: grad @ w_proj, iters))]
+    defaults = dict(tg.FUSED_MLP_UP), dict(tg.FUSED_MLP_GRAD)
+    try:
+        for cfg in CONFIGS:
+            label = "{BM}x{BN}x{BK} w{num_warps} s{num_stages} g{GROUP_M}".format(**cfg) + \
+                (" persistent" if cfg["persistent"] else "")
+            tg.FUSED_MLP_UP = tg.FUSED_MLP_GRAD = cfg
+            for gemm, call in (("up", lambda: tg._mlp_gemm(u, w_fc.t(), pre, act, up=True)),
+                               ("grad", lambda: tg._mlp_gemm(grad, w_proj, act, pre, up=False))):
+                try:
+                    out.append(dict(gemm=gemm, config=label, ms=median_ms(call, iters)))
+                except Exception as e:  # e.g. out of shared memory: report and go on
+                    out.append(dict(gemm=gemm, config=label, error=f"{type(e).__name__}: {e}"[:300]))
+    finally:
+        tg.FUSED_MLP_UP, tg.FUSED_MLP_GRAD = defaults
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, default=48 * 2048)
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+    ap.add_argument("--no-sweep", action="store_true")
+    args = ap.parse_args()
+    if not torch.cuda.is_available() or tg.triton is None:
+        raise SystemExit("bench/fused_mlp.py needs a CUDA GPU and Triton")
+    env = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=tg.triton.__version__,
+               rows=args.rows, dim=args.dim, hidden=args.hidden, up=tg.FUSED_MLP_UP, grad=tg.FUSED_MLP_GRAD)
+    print(" ".join(f"{k}:{v}" for k, v in env.items()))
+    checks = [check(args.rows, args.dim, args.hidden), check(1000, args.dim, args.hidden)]
+    print("\ncorrectness: max |error| / max |reference| against fp32, fused and module path")
+    for c in checks:
+        print(f"rows {c['rows']}: ok {c['ok']}  " + "  ".join(f"{n} {c['fused'][n]:.2e}/{c['module'][n]:.2e}"
+                                                              for n in c["fused"]))
+    timings = time_variants(args.rows, args.dim, args.hidden, args.iters)
+    print(f"\ntiming, u [{args.rows}, {args.dim}] bf16, hidden {args.hidden} (median ms; peak MiB above the inputs)")
+    print_table(timings, ["variant", "fwd_ms", "fwd_bwd_ms", "peak_fwd_bwd_mib"])
+    tiles = [] if args.no_sweep else sweep(args.rows, args.dim, args.hidden, args.iters)
+    if tiles:
+        print("\nfused GEMMs alone by tile config")
+        print_table(tiles, ["gemm", "config", "ms"])
+    result = dict(env=env, correctness=checks, all_ok=all(c["ok"] for c in checks), timings=timings, sweep=tiles)
+    path = write_result(args.out, "fused_mlp.json", result)
+    print(f"\nall correctness checks ok: {result['all_ok']}; wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
