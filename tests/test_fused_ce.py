@@ -109,7 +109,7 @@ def check_model(tg) -> dict:
     grad_err = max((g1 - g0).abs().max().item() / (g0.abs().max().item() + 1e-12)
                    for g1, g0 in zip(grads[True], grads[False]))
     return dict(loss_fused=losses[True].item(), loss_eager=losses[False].item(), grad_rel_err=grad_err,
-                supported_cpu=tg.fused_ce_supported(torch.device("cpu")))
+                supported_cpu=tg.fused_kernels_supported(torch.device("cpu")))
 
 
 def check_wrapped(tg, folder: str) -> dict:
@@ -191,7 +191,7 @@ def test_without_triton_the_eager_path_runs(monkeypatch):
     tg = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, tg)
     spec.loader.exec_module(tg)
-    assert tg.triton is None and not tg.fused_ce_supported(torch.device("cuda"))
+    assert tg.triton is None and not tg.fused_kernels_supported(torch.device("cuda"))
     hp = tg.load_hyperparameters({"SMOKE": "1"})
     assert hp.fused_ce == 1
     model = tg.build_model(hp, torch.device("cpu"))
