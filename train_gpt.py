@@ -956,9 +956,10 @@ class MLP(nn.Module):
         self.fused = fused
 
     def runs_fused(self, u: Tensor, lora=None) -> bool:
-        """Training steps take the fused kernels; evaluation, GPTQ calibration (eval mode) and LoRA TTT do not."""
-        return (self.fused and lora is None and self.training and torch.is_grad_enabled()
-                and fused_kernels_supported(u.device))
+        """Training steps (grad on) take the fused kernels; evaluation and GPTQ calibration (no_grad: its hooks need
+        the linears) and LoRA TTT do not. Not the train/eval flag: it is no graph guard (a training step may follow a
+        validation that left the model in eval mode), whereas grad mode always is one."""
+        return self.fused and lora is None and torch.is_grad_enabled() and fused_kernels_supported(u.device)
 
     def forward(self, u: Tensor, lora=None, fc_out=None) -> Tensor:
         if fc_out is None and self.runs_fused(u, lora):

@@ -108,10 +108,12 @@ def check_model(tg) -> dict:
     u = torch.zeros(1, 4, hp.model_dim)
     with torch.no_grad():
         no_grad = mlp.runs_fused(u)
-    model.eval()
+    model.eval()  # a training step after a validation that left the model in eval mode still runs fused
     eval_mode = mlp.runs_fused(u)
     model.train()
-    return dict(loss_diff=abs(losses[True].item() - losses[False].item()),
+    tg.QUANT_PASSTHROUGH_NUMEL = 0  # every linear of the tiny model is quantized, so calibration hooks each one
+    hessians, _ = tg.collect_hessians(model, [(ids, targets)])
+    return dict(calibrated_mlp=sorted(n for n in hessians if ".mlp." in n), loss_diff=abs(losses[True].item() - losses[False].item()),
                 grad_rel_err=max(_rel(a, b) for a, b in zip(grads[True], grads[False])),
                 ran_fused=ran_fused[True], ran_module=not ran_fused[False], train=mlp.runs_fused(u),
                 no_grad=no_grad, eval_mode=eval_mode, lora=mlp.runs_fused(u, lora=lambda *a: 0))
@@ -162,9 +164,12 @@ def test_model_training_step_fused_matches_module_path(interp):
 
 
 def test_fused_only_for_training_steps(interp):
-    """Evaluation (no_grad or eval mode: GPTQ calibration hooks the linears) and LoRA TTT take the module path."""
+    """Evaluation and GPTQ calibration (no_grad: its hooks need the linears) and LoRA TTT take the module path; grad
+    mode decides, not the train/eval flag."""
     r = interp["model"]
-    assert r["train"] and not r["no_grad"] and not r["eval_mode"] and not r["lora"]
+    assert r["train"] and r["eval_mode"] and not r["no_grad"] and not r["lora"]
+    assert r["calibrated_mlp"] == ["blocks.0.mlp.fc.weight", "blocks.0.mlp.proj.weight", "blocks.1.mlp.fc.weight",
+                                   "blocks.1.mlp.proj.weight"]  # fused flags on, the hooks still saw both linears
 
 
 def test_cpu_without_interpreter_takes_module_path():
