@@ -1147,11 +1147,10 @@ def softcap_cross_entropy(z: Tensor, targets: Tensor, cap: float) -> Tensor:
 # module path.
 # -----------------------------------------------------------------------------------------------------
 
-# Tile (rows, columns, depth), L2 grouping of row tiles, warps and pipeline stages of each GEMM. H100, u [98304, 512],
+# Tile (rows, columns, depth), L2 grouping of row tiles, warps and pipeline stages of both GEMMs. H100, u [98304, 512],
 # hidden 2048 (bench/fused_mlp.py sweep, ms up / d pre GEMM): 128x256x64, 8 warps, 4 stages 0.478 / 0.569; 3 stages
 # 0.561 / 0.633; non-persistent 0.530 / 0.590; cuBLAS's bare GEMM (no epilogue) 0.354 / 0.346.
-FUSED_MLP_UP = dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=4)
-FUSED_MLP_GRAD = dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=4)
+FUSED_MLP_TILES = dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=4)
 
 if triton is not None:
     from triton.tools.tensor_descriptor import TensorDescriptor  # host-side TMA descriptors (Triton >= 3.4)
@@ -1198,17 +1197,14 @@ if triton is not None:
                 slope = tl.where(pre > 0, 2.0 * pre, 0.5 * pre)
                 tl.store(out_ptr + offsets, (acc * slope).to(out_ptr.dtype.element_ty), mask=inside)
 
-    _SM_COUNT = {}
-
     def _mlp_gemm(a: Tensor, w: Tensor, out: Tensor, act: Tensor, up: bool) -> None:
         """out (and act) from a [M, K] and the weight as stored: W_fc [N, K] (up) or W_proj [K, N]."""
-        cfg = FUSED_MLP_UP if up else FUSED_MLP_GRAD
+        cfg = FUSED_MLP_TILES
         (M, K), N, BM, BN, BK = a.shape, out.size(1), cfg["BM"], cfg["BN"], cfg["BK"]
-        if a.device not in _SM_COUNT:
-            _SM_COUNT[a.device] = (torch.cuda.get_device_properties(a.device).multi_processor_count
-                                   if a.device.type == "cuda" else 4)  # interpreter: a few programs, several passes
+        sms = (torch.cuda.get_device_properties(a.device).multi_processor_count if a.device.type == "cuda"
+               else 4)  # the interpreter: a few programs, so that each makes several passes
         tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
-        programs = min(_SM_COUNT[a.device], tiles)
+        programs = min(sms, tiles)
         _mlp_gemm_kernel[(programs,)](TensorDescriptor.from_tensor(a, [BM, BK]),
                                       TensorDescriptor.from_tensor(w, [BN, BK] if up else [BK, BN]), out, act, M,
                                       N=N, K=K, UP=up, UPCAST=TRITON_INTERPRET, PROGRAMS=programs,

@@ -28,3 +28,24 @@ def write_result(out: str | Path, name: str, result: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
     return path
+
+
+def peak_mib(fn) -> float:
+    """Peak memory allocated during fn(), in MiB above what was allocated before it."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def print_table(rows: list[dict], keys: list[str]) -> None:
+    """rows as aligned columns `keys` (floats to 3 decimals); a row's "error" is appended to it."""
+    def cell(v):
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+    widths = [max(len(k), *(len(cell(r.get(k, ""))) for r in rows)) for k in keys]
+    print("  ".join(k.ljust(w) for k, w in zip(keys, widths)))
+    for r in rows:
+        print("  ".join(cell(r.get(k, "")).ljust(w) for k, w in zip(keys, widths)) + (f"  ERROR {r['error']}"
+                                                                                          if "error" in r else ""))

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train_gpt as tg
-from cuda_timing import median_ms, write_result  # noqa: E402
+from cuda_timing import median_ms, peak_mib, print_table, write_result  # noqa: E402
 
 CAP = 30.0
 
@@ -92,15 +92,6 @@ def check_wrapped(folder: Path) -> dict:
 # ----- timing ---------------------------------------------------------------------------------------------------------
 
 
-def peak_mib(fn) -> float:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
 def bench_variant(name: str, loss_fn, inputs: list, targets, iters: int) -> dict:
     leaves = [t for t in inputs if t.requires_grad]
 
@@ -163,16 +154,6 @@ def run_sweep(rows: int, vocab: int, iters: int, configs) -> list[dict]:
     finally:
         tg.FUSED_CE_BLOCK, tg.FUSED_CE_WARPS = default
     return out
-
-
-def print_table(rows: list[dict], keys: list[str]) -> None:
-    def cell(v):
-        return f"{v:.3f}" if isinstance(v, float) else str(v)
-    widths = [max(len(k), *(len(cell(r.get(k, ""))) for r in rows)) for k in keys]
-    print("  ".join(k.ljust(w) for k, w in zip(keys, widths)))
-    for r in rows:
-        print("  ".join(cell(r.get(k, "")).ljust(w) for k, w in zip(keys, widths)) + (f"  ERROR {r['error']}"
-                                                                                          if "error" in r else ""))
 
 
 def main():

@@ -8,7 +8,7 @@
 2. Timing (median of --iters, CUDA events) of forward and forward + backward, and the peak memory above the inputs:
    the module path eagerly and under torch.compile(fullgraph=True) (what the training region runs unfused), and the
    fused op eagerly and compiled.
-3. Tile sweep of each fused GEMM alone (FUSED_MLP_UP, FUSED_MLP_GRAD), next to cuBLAS doing the bare GEMM.
+3. Tile sweep (FUSED_MLP_TILES) of each fused GEMM alone, next to cuBLAS doing the bare GEMM.
 
 Prints tables and writes <out>/fused_mlp.json (out: --out, else $OUT, else bench_out).
 """
@@ -23,8 +23,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train_gpt as tg  # noqa: E402
-from cuda_timing import median_ms, write_result  # noqa: E402
-from fused_ce import peak_mib, print_table  # noqa: E402
+from cuda_timing import median_ms, peak_mib, print_table, write_result  # noqa: E402
 
 CONFIGS = [dict(BM=bm, BN=bn, BK=bk, GROUP_M=g, num_warps=w, num_stages=st) for bm, bn, bk, w, st, g in
            [(128, 256, 64, 8, 4, 8), (128, 256, 64, 8, 3, 8), (128, 256, 64, 8, 4, 16), (128, 128, 64, 8, 4, 8),
@@ -97,11 +96,11 @@ def sweep(rows: int, dim: int, hidden: int, iters: int) -> list[dict]:
                                                                                           dtype=torch.bfloat16)
     out = [dict(gemm="up", config="cuBLAS mm only", ms=median_ms(lambda: u @ w_fc.t(), iters)),
            dict(gemm="grad", config="cuBLAS mm only", ms=median_ms(lambda: grad @ w_proj, iters))]
-    defaults = dict(tg.FUSED_MLP_UP), dict(tg.FUSED_MLP_GRAD)
+    default = tg.FUSED_MLP_TILES
     try:
         for cfg in CONFIGS:
             label = "{BM}x{BN}x{BK} w{num_warps} s{num_stages} g{GROUP_M}".format(**cfg)
-            tg.FUSED_MLP_UP = tg.FUSED_MLP_GRAD = cfg
+            tg.FUSED_MLP_TILES = cfg
             for gemm, call in (("up", lambda: tg._mlp_gemm(u, w_fc, pre, act, up=True)),
                                ("grad", lambda: tg._mlp_gemm(grad, w_proj, act, pre, up=False))):
                 try:
@@ -109,7 +108,7 @@ def sweep(rows: int, dim: int, hidden: int, iters: int) -> list[dict]:
                 except Exception as e:  # e.g. out of shared memory: report and go on
                     out.append(dict(gemm=gemm, config=label, error=f"{type(e).__name__}: {e}"[:300]))
     finally:
-        tg.FUSED_MLP_UP, tg.FUSED_MLP_GRAD = defaults
+        tg.FUSED_MLP_TILES = default
     return out
 
 
@@ -125,7 +124,7 @@ def main():
     if not torch.cuda.is_available() or tg.triton is None:
         raise SystemExit("bench/fused_mlp.py needs a CUDA GPU and Triton")
     env = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=tg.triton.__version__,
-               rows=args.rows, dim=args.dim, hidden=args.hidden, up=tg.FUSED_MLP_UP, grad=tg.FUSED_MLP_GRAD)
+               rows=args.rows, dim=args.dim, hidden=args.hidden, tiles=tg.FUSED_MLP_TILES)
     print(" ".join(f"{k}:{v}" for k, v in env.items()))
     checks = [check(args.rows, args.dim, args.hidden), check(1000, args.dim, args.hidden)]
     print("\ncorrectness: max |error| / max |reference| against fp32, fused and module path")

@@ -55,10 +55,10 @@ def _rel(a, b) -> float:
 # ------------------------------------------------------------------------------------------------------------------
 
 def check_kernels(tg) -> dict:
-    default, out = dict(tg.FUSED_MLP_UP), {}
+    default, out = tg.FUSED_MLP_TILES, {}
     try:
         for i, (rows, dim, hidden, dtype, tiles) in enumerate(CASES):
-            tg.FUSED_MLP_UP = tg.FUSED_MLP_GRAD = SMALL if tiles == "small" else default
+            tg.FUSED_MLP_TILES = SMALL if tiles == "small" else default
             leaves, grad = _inputs(rows, dim, hidden, getattr(torch, dtype), seed=i)
             fused = _run(tg.leaky_relu_sq_mlp, leaves, grad)
             ref = _run(module_mlp, [t.float() for t in leaves], grad.float())
@@ -69,7 +69,7 @@ def check_kernels(tg) -> dict:
                 post_ratio=float(((post.float() - (ref_post := F.leaky_relu(pre.float(), 0.5).square())).abs()
                                   / ref_post.abs().clamp_min(1e-30)).max()))
     finally:
-        tg.FUSED_MLP_UP = tg.FUSED_MLP_GRAD = default
+        tg.FUSED_MLP_TILES = default
     return out
 
 
