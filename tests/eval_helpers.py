@@ -2,12 +2,15 @@
 RunContext."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime
 import glob
 import os
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import train_gpt as tg
@@ -81,3 +84,18 @@ def lora_hp(**overrides) -> tg.Hyperparameters:
                        "ttt_chunk_size": 16, "ttt_lora_rank": 4, "ttt_lora_alpha": 6.0, "ttt_lora_lr": 0.01,
                        "phased_ttt_prefix_docs": 8, "phased_ttt_num_phases": 2, "ttt_chunk_tokens": 128,
                        "global_ttt_lr": 0.01, **overrides})
+
+
+@contextlib.contextmanager
+def gloo_group(rank: int, world_size: int, out_dir: str):
+    """A gloo process group for one spawned test rank. On success the ranks meet at a barrier before the group is
+    torn down: a rank that destroys its group and exits while its peer still writes results can die of SIGABRT in
+    gloo's teardown ("terminate called without an active exception", seen once in CI)."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=300))  # a lost rank fails the test, not CI
+    try:
+        yield
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()

@@ -1,24 +1,19 @@
 """Two gloo ranks give the results of one process: plain, sliding and TTT (windows, TTT sequences and gradients
 split across ranks; one flat gradient all-reduce)."""
-import datetime
 import math
 import os
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from eval_helpers import make_ctx, make_model, smoke_hp, smoke_stream, tg
+from eval_helpers import gloo_group, make_ctx, make_model, smoke_hp, smoke_stream, tg
 
 EVALS = {"plain": tg.eval_val, "sliding": tg.eval_val_sliding, "ttt": tg.eval_val_ttt}
 N_TARGETS = 2100  # 3 TTT chunks, 2 of them trained on; 2100 / 128 is not whole, so a rank gets a partial block
 
 
 def _worker(rank: int, world_size: int, data: tuple[str, str], out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=300))  # a lost rank fails the test, not CI
-    try:
+    with gloo_group(rank, world_size, out_dir):
         hp = smoke_hp()
         tokens, tables = smoke_stream(data, hp, N_TARGETS)
         state = torch.load(os.path.join(out_dir, "model.pt"))
@@ -30,8 +25,6 @@ def _worker(rank: int, world_size: int, data: tuple[str, str], out_dir: str) -> 
                                      return_losses=True)
         if rank == 0:
             torch.save(results, os.path.join(out_dir, "results.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_ranks_match_one_process(smoke_data, tmp_path):

@@ -4,7 +4,6 @@ depend on its own later tokens, and other documents reach it only through docume
 CPU, a small looped GPT."""
 import copy
 import dataclasses
-import datetime
 import math
 import os
 import re
@@ -13,12 +12,11 @@ import numpy as np
 import pytest
 import torch
 import torch._dynamo
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch._dynamo.testing import CompileCounter
 
-from eval_helpers import lora_hp, make_ctx, make_model, smoke_stream, stream_bytes, tg
+from eval_helpers import gloo_group, lora_hp, make_ctx, make_model, smoke_stream, stream_bytes, tg
 
 N_TARGETS = 1500  # 15 smoke documents: batches of 3, 4, 4, 4 (longest first), phases after the 2nd and 3rd
 
@@ -344,10 +342,7 @@ def test_adapter_step_compiles_once_in_warmup(stream, monkeypatch, forbid_recomp
 
 
 def _worker(rank: int, world_size: int, data, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=300))  # a lost rank fails the test, not CI
-    try:
+    with gloo_group(rank, world_size, out_dir):
         hp = lora_hp()
         tokens, tables = smoke_stream(data, hp, N_TARGETS)
         model = make_model(hp)
@@ -355,8 +350,6 @@ def _worker(rank: int, world_size: int, data, out_dir: str) -> None:
         result = tg.eval_val_lora_ttt(model, tokens, tables, hp, make_ctx(rank, world_size), return_losses=True)
         if rank == 0:
             torch.save(result, os.path.join(out_dir, "result.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_ranks_match_one_process(smoke_data, baseline, tmp_path):
