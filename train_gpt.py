@@ -1150,18 +1150,33 @@ def softcap_cross_entropy(z: Tensor, targets: Tensor, cap: float) -> Tensor:
 # Tile (rows, columns, depth), L2 grouping of row tiles, warps and pipeline stages of both GEMMs. H100, u [98304, 512],
 # hidden 2048 (bench/fused_mlp.py sweep, ms up / d pre GEMM): 128x256x64, 8 warps, 4 stages 0.478 / 0.569; 3 stages
 # 0.561 / 0.633; non-persistent 0.530 / 0.590; cuBLAS's bare GEMM (no epilogue) 0.354 / 0.346.
-FUSED_MLP_TILES = dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=4)
+FUSED_MLP_TILES = dict(BM=128, BN=256, BK=64, GROUP_M=8, STORE_SLICES=0, num_warps=8, num_stages=4)
 
 if triton is not None:
     from triton.tools.tensor_descriptor import TensorDescriptor  # host-side TMA descriptors (Triton >= 3.4)
 
     @triton.jit
-    def _mlp_gemm_kernel(a_desc, b_desc, out_ptr, act_ptr, M, N: tl.constexpr, K: tl.constexpr, UP: tl.constexpr,
+    def _mlp_epilogue(acc, out, act, row, col, UP: tl.constexpr):
+        """One [BM, BN / STORE_SLICES] slice of the accumulator through TMA descriptors (out of bounds: clipped)."""
+        if UP:
+            pre = acc.to(out.dtype)
+            out.store([row, col], pre)
+            h = pre.to(tl.float32)
+            h = tl.where(h > 0, h, 0.5 * h)
+            act.store([row, col], (h * h).to(act.dtype))
+        else:
+            pre = act.load([row, col]).to(tl.float32)
+            out.store([row, col], (acc * tl.where(pre > 0, 2.0 * pre, 0.5 * pre)).to(out.dtype))
+
+    @triton.jit
+    def _mlp_gemm_kernel(a_desc, b_desc, out, act, M, N: tl.constexpr, K: tl.constexpr, UP: tl.constexpr,
                          UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                         GROUP_M: tl.constexpr, PROGRAMS: tl.constexpr, TILES_EACH: tl.constexpr):
+                         GROUP_M: tl.constexpr, STORE_SLICES: tl.constexpr, PROGRAMS: tl.constexpr,
+                         TILES_EACH: tl.constexpr):
         """A [M, K] times W_fcᵀ (UP; W_fc [N, K]) or W_proj [K, N], then the activation epilogue. UP: out = pre and
         act = leaky(pre)², from pre rounded to out's dtype as the module path rounds it. Else act holds pre and
-        out = acc·d post/d pre.
+        out = acc·d post/d pre. out and act are pointers (STORE_SLICES 0) or TMA descriptors whose block is a
+        [BM, BN / STORE_SLICES] slice of the tile.
 
         Persistent: PROGRAMS programs (one per SM) take every PROGRAMS-th output tile, and the flattened loop lets the
         compiler issue the next tile's TMA loads during this tile's epilogue. Loop counts are compile-time constants
@@ -1182,20 +1197,27 @@ if triton is not None:
                 if UPCAST:  # Triton's CPU interpreter multiplies bf16 tiles as raw integers; fp32 holds them exactly
                     a_tile, b_tile = a_tile.to(tl.float32), b_tile.to(tl.float32)
                 acc = tl.dot(a_tile, b_tile, acc)
-            rows = pid_m * BM + tl.arange(0, BM)
-            cols = pid_n * BN + tl.arange(0, BN)
-            offsets = rows[:, None].to(tl.int64) * N + cols[None, :]
-            inside = (rows[:, None] < M) & (cols[None, :] < N)
-            if UP:
-                pre = acc.to(out_ptr.dtype.element_ty)
-                tl.store(out_ptr + offsets, pre, mask=inside)
-                h = pre.to(tl.float32)
-                h = tl.where(h > 0, h, 0.5 * h)
-                tl.store(act_ptr + offsets, (h * h).to(act_ptr.dtype.element_ty), mask=inside)
+            if STORE_SLICES == 2:  # two [BM, BN/2] halves: half the shared memory for the TMA store
+                left, right = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)))
+                _mlp_epilogue(left, out, act, pid_m * BM, pid_n * BN, UP)
+                _mlp_epilogue(right, out, act, pid_m * BM, pid_n * BN + BN // 2, UP)
+            elif STORE_SLICES == 1:
+                _mlp_epilogue(acc, out, act, pid_m * BM, pid_n * BN, UP)
             else:
-                pre = tl.load(act_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
-                slope = tl.where(pre > 0, 2.0 * pre, 0.5 * pre)
-                tl.store(out_ptr + offsets, (acc * slope).to(out_ptr.dtype.element_ty), mask=inside)
+                rows = pid_m * BM + tl.arange(0, BM)
+                cols = pid_n * BN + tl.arange(0, BN)
+                offsets = rows[:, None].to(tl.int64) * N + cols[None, :]
+                inside = (rows[:, None] < M) & (cols[None, :] < N)
+                if UP:
+                    pre = acc.to(out.dtype.element_ty)
+                    tl.store(out + offsets, pre, mask=inside)
+                    h = pre.to(tl.float32)
+                    h = tl.where(h > 0, h, 0.5 * h)
+                    tl.store(act + offsets, (h * h).to(act.dtype.element_ty), mask=inside)
+                else:
+                    pre = tl.load(act + offsets, mask=inside, other=0.0).to(tl.float32)
+                    slope = tl.where(pre > 0, 2.0 * pre, 0.5 * pre)
+                    tl.store(out + offsets, (acc * slope).to(out.dtype.element_ty), mask=inside)
 
     def _mlp_gemm(a: Tensor, w: Tensor, out: Tensor, act: Tensor, up: bool) -> None:
         """out (and act) from a [M, K] and the weight as stored: W_fc [N, K] (up) or W_proj [K, N]."""
@@ -1205,6 +1227,8 @@ if triton is not None:
                else 4)  # the interpreter: a few programs, so that each makes several passes
         tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
         programs = min(sms, tiles)
+        if cfg["STORE_SLICES"]:
+            out, act = (TensorDescriptor.from_tensor(t, [BM, BN // cfg["STORE_SLICES"]]) for t in (out, act))
         _mlp_gemm_kernel[(programs,)](TensorDescriptor.from_tensor(a, [BM, BK]),
                                       TensorDescriptor.from_tensor(w, [BN, BK] if up else [BK, BN]), out, act, M,
                                       N=N, K=K, UP=up, UPCAST=TRITON_INTERPRET, PROGRAMS=programs,

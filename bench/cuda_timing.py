@@ -41,9 +41,12 @@ def peak_mib(fn) -> float:
 
 
 def print_table(rows: list[dict], keys: list[str]) -> None:
-    """rows as aligned columns `keys` (floats to 3 decimals); a row's "error" is appended to it."""
+    """rows as aligned columns `keys` (floats to 3 decimals, small ones in e-notation); a row's "error" is appended
+    to it."""
     def cell(v):
-        return f"{v:.3f}" if isinstance(v, float) else str(v)
+        if isinstance(v, float):
+            return f"{v:.3f}" if v == 0 or abs(v) >= 0.01 else f"{v:.2e}"
+        return str(v)
     widths = [max(len(k), *(len(cell(r.get(k, ""))) for r in rows)) for k in keys]
     print("  ".join(k.ljust(w) for k, w in zip(keys, widths)))
     for r in rows:

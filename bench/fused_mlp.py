@@ -8,11 +8,14 @@
 2. Timing (median of --iters, CUDA events) of forward and forward + backward, and the peak memory above the inputs:
    the module path eagerly and under torch.compile(fullgraph=True) (what the training region runs unfused), and the
    fused op eagerly and compiled.
-3. Tile sweep (FUSED_MLP_TILES) of each fused GEMM alone, next to cuBLAS doing the bare GEMM.
+3. Tile sweep (FUSED_MLP_TILES, including the epilogue's store path) of each fused GEMM alone, next to cuBLAS doing
+   the bare GEMM, with each result's error against cuBLAS + fp32 activation; the fastest correct config is printed
+   and saved as best_tiles (bench/profile_step.py --mlp-tiles takes it).
 
 Prints tables and writes <out>/fused_mlp.json (out: --out, else $OUT, else bench_out).
 """
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -25,9 +28,13 @@ sys.path.insert(0, str(ROOT))
 import train_gpt as tg  # noqa: E402
 from cuda_timing import median_ms, peak_mib, print_table, write_result  # noqa: E402
 
-CONFIGS = [dict(BM=bm, BN=bn, BK=bk, GROUP_M=g, num_warps=w, num_stages=st) for bm, bn, bk, w, st, g in
-           [(128, 256, 64, 8, 4, 8), (128, 256, 64, 8, 3, 8), (128, 256, 64, 8, 4, 16), (128, 128, 64, 8, 4, 8),
-            (128, 128, 64, 4, 4, 8), (256, 128, 64, 8, 3, 8), (128, 128, 64, 8, 5, 8)]]
+# (BM, BN, BK, warps, stages, GROUP_M, STORE_SLICES): STORE_SLICES 0 stores the epilogue through pointers, 1 or 2
+# through TMA descriptors (whole tile or two column halves; the store buffer takes shared memory from the stages).
+CONFIGS = [dict(BM=bm, BN=bn, BK=bk, GROUP_M=g, STORE_SLICES=sl, num_warps=w, num_stages=st)
+           for bm, bn, bk, w, st, g, sl in
+           [(128, 256, 64, 8, 4, 8, 0), (128, 256, 64, 8, 3, 8, 1), (128, 256, 64, 8, 3, 8, 2),
+            (128, 256, 64, 8, 4, 8, 2), (128, 256, 64, 8, 4, 8, 1), (128, 128, 64, 8, 5, 8, 1),
+            (128, 128, 64, 4, 5, 8, 2), (128, 256, 128, 8, 2, 8, 2)]]
 
 
 def module_mlp(u, w_fc, w_proj):
@@ -89,27 +96,47 @@ def time_variants(rows: int, dim: int, hidden: int, iters: int) -> list[dict]:
 
 
 def sweep(rows: int, dim: int, hidden: int, iters: int) -> list[dict]:
+    """Each config's GEMMs timed alone, with their error against cuBLAS's GEMM and the activation in fp32."""
     leaves, grad = inputs(rows, dim, hidden)
     u, w_fc, w_proj = (t.detach() for t in leaves)
-    pre, act = torch.empty(rows, hidden, device="cuda", dtype=torch.bfloat16), torch.empty(rows, hidden,
-                                                                                          device="cuda",
-                                                                                          dtype=torch.bfloat16)
+    pre, act = (torch.empty(rows, hidden, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    ref_pre = u @ w_fc.t()
+    ref = dict(up=(ref_pre, F.leaky_relu(ref_pre.float(), 0.5).square()),
+               grad=((grad @ w_proj).float() * torch.where(ref_pre > 0, 2.0, 0.5) * ref_pre.float(),))
     out = [dict(gemm="up", config="cuBLAS mm only", ms=median_ms(lambda: u @ w_fc.t(), iters)),
            dict(gemm="grad", config="cuBLAS mm only", ms=median_ms(lambda: grad @ w_proj, iters))]
     default = tg.FUSED_MLP_TILES
     try:
         for cfg in CONFIGS:
-            label = "{BM}x{BN}x{BK} w{num_warps} s{num_stages} g{GROUP_M}".format(**cfg)
+            label = "{BM}x{BN}x{BK} w{num_warps} s{num_stages} g{GROUP_M} slices{STORE_SLICES}".format(**cfg)
             tg.FUSED_MLP_TILES = cfg
-            for gemm, call in (("up", lambda: tg._mlp_gemm(u, w_fc, pre, act, up=True)),
-                               ("grad", lambda: tg._mlp_gemm(grad, w_proj, act, pre, up=False))):
+            for gemm, call, results in (("up", lambda: tg._mlp_gemm(u, w_fc, pre, act, up=True), (pre, act)),
+                                        ("grad", lambda: tg._mlp_gemm(grad, w_proj, act, ref_pre, up=False),
+                                         (act,))):
                 try:
-                    out.append(dict(gemm=gemm, config=label, ms=median_ms(call, iters)))
+                    call()
+                    err = max(float((r.float() - e.float()).abs().max() / e.float().abs().max())
+                              for r, e in zip(results, ref[gemm]))
+                    out.append(dict(gemm=gemm, config=label, tiles=cfg, ms=median_ms(call, iters), rel_err=err))
                 except Exception as e:  # e.g. out of shared memory: report and go on
-                    out.append(dict(gemm=gemm, config=label, error=f"{type(e).__name__}: {e}"[:300]))
+                    out.append(dict(gemm=gemm, config=label, tiles=cfg, error=f"{type(e).__name__}: {e}"[:300]))
     finally:
         tg.FUSED_MLP_TILES = default
     return out
+
+
+def best_tiles(rows: list[dict]) -> dict | None:
+    """The config with the least up + grad time among those that ran both GEMMs within 1e-2 of the reference."""
+    ms = {}
+    for r in rows:
+        if "tiles" in r:
+            ok = r.get("rel_err", 1.0) <= 1e-2
+            key = r["config"]
+            ms.setdefault(key, [r["tiles"], 0.0, 0])
+            ms[key][1] += r["ms"] if ok else float("inf")
+            ms[key][2] += ok
+    done = [(t, total) for t, total, n in ms.values() if n == 2]
+    return min(done, key=lambda c: c[1])[0] if done else None
 
 
 def main():
@@ -137,8 +164,12 @@ def main():
     tiles = [] if args.no_sweep else sweep(args.rows, args.dim, args.hidden, args.iters)
     if tiles:
         print("\nfused GEMMs alone by tile config")
-        print_table(tiles, ["gemm", "config", "ms"])
-    result = dict(env=env, correctness=checks, all_ok=all(c["ok"] for c in checks), timings=timings, sweep=tiles)
+        print_table(tiles, ["gemm", "config", "ms", "rel_err"])
+    best = best_tiles(tiles) if tiles else None
+    if best:
+        print("fastest config (up + grad):", json.dumps(best))
+    result = dict(env=env, correctness=checks, all_ok=all(c["ok"] for c in checks), timings=timings, sweep=tiles,
+                  best_tiles=best)
     path = write_result(args.out, "fused_mlp.json", result)
     print(f"\nall correctness checks ok: {result['all_ok']}; wrote {path}")
 

@@ -1,6 +1,6 @@
 """Where a training step spends its GPU time: kernel table from torch.profiler, before and after looping.
 
-    python3 bench/profile_step.py [--steps 4] [--out DIR] [ENV=VALUE ...]
+    python3 bench/profile_step.py [--steps 4] [--out DIR] [--mlp-tiles JSON] [ENV=VALUE ...]
 
 Builds the default model and Trainer exactly as train_gpt.py does (one GPU, same data env vars), runs the compile
 warm-up, then per phase (looping off, then on) times `--steps` optimizer steps without the profiler (the true wall
@@ -105,10 +105,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+    ap.add_argument("--mlp-tiles", help="FUSED_MLP_TILES as JSON, e.g. best_tiles from bench/fused_mlp.py")
     ap.add_argument("env", nargs="*", help="extra ENV=VALUE settings")
     args = ap.parse_args()
     os.environ.update(kv.split("=", 1) for kv in args.env)
     import train_gpt as tg
+
+    if args.mlp_tiles:
+        tg.FUSED_MLP_TILES = json.loads(args.mlp_tiles)
 
     hp = tg.load_hyperparameters()
     tg.validate_hyperparameters(hp, 1)
@@ -125,11 +129,12 @@ def main():
     compile_times = tg.torch._dynamo.utils.compile_times(repr="str", aggregate=True)  # where the warm-up went
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = dict(attention=backend, compile_warmup_s=warmup_s, compile_times=compile_times,
-                  micro_seqs=trainer.micro_seqs,
+    result = dict(attention=backend, mlp_tiles=tg.FUSED_MLP_TILES, compile_warmup_s=warmup_s,
+                  compile_times=compile_times, micro_seqs=trainer.micro_seqs,
                   phases=[profile_phase(trainer, looping, args.steps, out) for looping in (False, True)])
     write_result(out, "profile_step.json", result)
-    print(f"attention:{backend} compile_warmup:{result['compile_warmup_s']:.1f}s micro_seqs:{trainer.micro_seqs}")
+    print(f"attention:{backend} compile_warmup:{result['compile_warmup_s']:.1f}s micro_seqs:{trainer.micro_seqs} "
+          f"mlp_tiles:{json.dumps(tg.FUSED_MLP_TILES)}")
     print(compile_times)
     for ph in result["phases"]:
         print(f"\nlooping={ph['looping']}: wall {ph['wall_ms_per_step']:.1f} ms/step, "

@@ -19,10 +19,13 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = dict(BM=32, BN=32, BK=32, GROUP_M=2, num_warps=4, num_stages=2)
+SMALL = dict(BM=32, BN=32, BK=32, GROUP_M=2, STORE_SLICES=0, num_warps=4, num_stages=2)
+# Epilogues: pointer stores (0), TMA stores of the whole tile (1) or of two column halves (2).
+TILES = {f"small_s{n}": dict(SMALL, STORE_SLICES=n) for n in (0, 1, 2)}
 # (rows, dim, hidden, dtype, tiles): several tiles with partial ones at both edges and passes past the last tile
-# (21 tiles over the interpreter's 4 programs); one partial tile of the default config; bf16.
-CASES = [(200, 64, 96, "float32", "small"), (70, 64, 96, "float32", "default"), (64, 64, 128, "bfloat16", "small")]
+# (21 tiles over the interpreter's 4 programs) for each epilogue; one partial tile of the default config; bf16.
+CASES = [(200, 64, 96, "float32", name) for name in TILES] + [(70, 64, 96, "float32", "default"),
+                                                              (64, 64, 128, "bfloat16", "small_s2")]
 RTOL = {"float32": 1e-5, "bfloat16": 2.0 ** -5}
 
 
@@ -58,7 +61,7 @@ def check_kernels(tg) -> dict:
     default, out = tg.FUSED_MLP_TILES, {}
     try:
         for i, (rows, dim, hidden, dtype, tiles) in enumerate(CASES):
-            tg.FUSED_MLP_TILES = SMALL if tiles == "small" else default
+            tg.FUSED_MLP_TILES = TILES.get(tiles, default)
             leaves, grad = _inputs(rows, dim, hidden, getattr(torch, dtype), seed=i)
             fused = _run(tg.leaky_relu_sq_mlp, leaves, grad)
             ref = _run(module_mlp, [t.float() for t in leaves], grad.float())
