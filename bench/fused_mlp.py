@@ -28,13 +28,13 @@ sys.path.insert(0, str(ROOT))
 import train_gpt as tg  # noqa: E402
 from cuda_timing import median_ms, peak_mib, print_table, write_result  # noqa: E402
 
-# (BM, BN, BK, warps, stages, GROUP_M, STORE_SLICES): STORE_SLICES 0 stores the epilogue through pointers, 1 or 2
-# through TMA descriptors (whole tile or two column halves; the store buffer takes shared memory from the stages).
-CONFIGS = [dict(BM=bm, BN=bn, BK=bk, GROUP_M=g, STORE_SLICES=sl, num_warps=w, num_stages=st)
-           for bm, bn, bk, w, st, g, sl in
-           [(128, 256, 64, 8, 4, 8, 0), (128, 256, 64, 8, 3, 8, 1), (128, 256, 64, 8, 3, 8, 2),
-            (128, 256, 64, 8, 4, 8, 2), (128, 256, 64, 8, 4, 8, 1), (128, 128, 64, 8, 5, 8, 1),
-            (128, 128, 64, 4, 5, 8, 2), (128, 256, 128, 8, 2, 8, 2)]]
+# (BM, BN, BK, warps, stages, GROUP_M, SIGN_BITS, PREFETCH): SIGN_BITS keeps pre's signs as bits for the backward
+# instead of pre; PREFETCH reads what the d post GEMM's epilogue needs before its K loop.
+CONFIGS = [dict(BM=bm, BN=bn, BK=bk, GROUP_M=g, SIGN_BITS=sb, PREFETCH=pf, num_warps=w, num_stages=st)
+           for bm, bn, bk, w, st, g, sb, pf in
+           [(128, 256, 64, 8, 4, 8, 0, 0), (128, 256, 64, 8, 4, 8, 0, 1), (128, 256, 64, 8, 4, 8, 1, 0),
+            (128, 256, 64, 8, 4, 8, 1, 1), (128, 256, 64, 8, 3, 8, 1, 0), (128, 256, 64, 8, 3, 8, 1, 1),
+            (128, 128, 64, 8, 4, 8, 1, 0), (128, 128, 64, 4, 4, 8, 1, 1)]]
 
 
 def module_mlp(u, w_fc, w_proj):
@@ -99,27 +99,33 @@ def sweep(rows: int, dim: int, hidden: int, iters: int) -> list[dict]:
     """Each config's GEMMs timed alone, with their error against cuBLAS's GEMM and the activation in fp32."""
     leaves, grad = inputs(rows, dim, hidden)
     u, w_fc, w_proj = (t.detach() for t in leaves)
-    pre, act = (torch.empty(rows, hidden, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     ref_pre = u @ w_fc.t()
-    ref = dict(up=(ref_pre, F.leaky_relu(ref_pre.float(), 0.5).square()),
-               grad=((grad @ w_proj).float() * torch.where(ref_pre > 0, 2.0, 0.5) * ref_pre.float(),))
+    ref_post = F.leaky_relu(ref_pre.float(), 0.5).square()
+    ref_d_pre = (grad @ w_proj).float() * torch.where(ref_pre > 0, 2.0, 0.5) * ref_pre.float()
     out = [dict(gemm="up", config="cuBLAS mm only", ms=median_ms(lambda: u @ w_fc.t(), iters)),
            dict(gemm="grad", config="cuBLAS mm only", ms=median_ms(lambda: grad @ w_proj, iters))]
     default = tg.FUSED_MLP_TILES
+
+    def rel(r, e):
+        return float((r.float() - e.float()).abs().max() / e.float().abs().max())
+
     try:
         for cfg in CONFIGS:
-            label = "{BM}x{BN}x{BK} w{num_warps} s{num_stages} g{GROUP_M} slices{STORE_SLICES}".format(**cfg)
+            label = "{BM}x{BN}x{BK} w{num_warps} s{num_stages} g{GROUP_M} bits{SIGN_BITS} pf{PREFETCH}".format(**cfg)
             tg.FUSED_MLP_TILES = cfg
-            for gemm, call, results in (("up", lambda: tg._mlp_gemm(u, w_fc, pre, act, up=True), (pre, act)),
-                                        ("grad", lambda: tg._mlp_gemm(grad, w_proj, act, ref_pre, up=False),
-                                         (act,))):
+            post = torch.empty(rows, hidden, device="cuda", dtype=torch.bfloat16)
+            keep, d_pre = tg._keep_like(post), torch.empty_like(post)
+            checks = (("up", lambda: tg._mlp_gemm(u, w_fc, post, keep),
+                       lambda: max(rel(post, ref_post), 0.0 if cfg["SIGN_BITS"] else rel(keep, ref_pre))),
+                      ("grad", lambda: tg._mlp_gemm(grad, w_proj, post, keep, d_pre), lambda: rel(d_pre, ref_d_pre)))
+            for gemm, call, error in checks:  # up first: grad reads its post and keep
                 try:
                     call()
-                    err = max(float((r.float() - e.float()).abs().max() / e.float().abs().max())
-                              for r, e in zip(results, ref[gemm]))
-                    out.append(dict(gemm=gemm, config=label, tiles=cfg, ms=median_ms(call, iters), rel_err=err))
+                    out.append(dict(gemm=gemm, config=label, tiles=cfg, rel_err=error(), ms=median_ms(call, iters)))
                 except Exception as e:  # e.g. out of shared memory: report and go on
                     out.append(dict(gemm=gemm, config=label, tiles=cfg, error=f"{type(e).__name__}: {e}"[:300]))
+                    break
+            del post, keep, d_pre
     finally:
         tg.FUSED_MLP_TILES = default
     return out
