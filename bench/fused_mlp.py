@@ -125,7 +125,6 @@ def sweep(rows: int, dim: int, hidden: int, iters: int) -> list[dict]:
                 except Exception as e:  # e.g. out of shared memory: report and go on
                     out.append(dict(gemm=gemm, config=label, tiles=cfg, error=f"{type(e).__name__}: {e}"[:300]))
                     break
-            del post, keep, d_pre
     finally:
         tg.FUSED_MLP_TILES = default
     return out
