@@ -1150,31 +1150,18 @@ def softcap_cross_entropy(z: Tensor, targets: Tensor, cap: float) -> Tensor:
 # Tile (rows, columns, depth), L2 grouping of row tiles, warps and pipeline stages of both GEMMs. H100, u [98304, 512],
 # hidden 2048 (bench/fused_mlp.py sweep, ms up / d pre GEMM): 128x256x64, 8 warps, 4 stages 0.478 / 0.569; 3 stages
 # 0.561 / 0.633; non-persistent 0.530 / 0.590; cuBLAS's bare GEMM (no epilogue) 0.354 / 0.346.
-FUSED_MLP_TILES = dict(BM=128, BN=256, BK=64, GROUP_M=8, SIGN_BITS=0, PREFETCH=0, num_warps=8, num_stages=4)
+FUSED_MLP_TILES = dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=4)
 
 if triton is not None:
     from triton.tools.tensor_descriptor import TensorDescriptor  # host-side TMA descriptors (Triton >= 3.4)
 
     @triton.jit
-    def _pack_signs(positive, BM: tl.constexpr, BN: tl.constexpr):
-        """[BM, BN] bool -> [BM, BN / 8] uint8; bit j of byte c is column 8c + j."""
-        bits = tl.reshape(positive.to(tl.int32), (BM, BN // 8, 8))
-        return tl.sum(bits << tl.arange(0, 8)[None, None, :], axis=2).to(tl.uint8)
-
-    @triton.jit
-    def _unpack_signs(packed, BM: tl.constexpr, BN: tl.constexpr):
-        bits = (packed.to(tl.int32)[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1
-        return tl.reshape(bits, (BM, BN)) != 0
-
-    @triton.jit
-    def _mlp_gemm_kernel(a_desc, b_desc, post, keep, d_pre, M, N: tl.constexpr, K: tl.constexpr, UP: tl.constexpr,
-                         SIGN_BITS: tl.constexpr, PREFETCH: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr,
-                         BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, PROGRAMS: tl.constexpr,
-                         TILES_EACH: tl.constexpr):
-        """A [M, K] times W_fcᵀ (UP; W_fc [N, K]) or W_proj [K, N], then the activation epilogue. UP writes
-        post = leaky(pre)² and `keep`, what the backward needs besides post: pre itself, or with SIGN_BITS only
-        pre's signs, 8 to a byte [M, N / 8] (post then gives |pre|). Else it writes d_pre = acc·d post/d pre from keep
-        (and post), read before the GEMM with PREFETCH.
+    def _mlp_gemm_kernel(a_desc, b_desc, out_ptr, act_ptr, M, N: tl.constexpr, K: tl.constexpr, UP: tl.constexpr,
+                         UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                         GROUP_M: tl.constexpr, PROGRAMS: tl.constexpr, TILES_EACH: tl.constexpr):
+        """A [M, K] times W_fcᵀ (UP; W_fc [N, K]) or W_proj [K, N], then the activation epilogue. UP: out = pre and
+        act = leaky(pre)², from pre rounded to out's dtype as the module path rounds it. Else act holds pre and
+        out = acc·d post/d pre.
 
         Persistent: PROGRAMS programs (one per SM) take every PROGRAMS-th output tile, and the flattened loop lets the
         compiler issue the next tile's TMA loads during this tile's epilogue. Loop counts are compile-time constants
@@ -1188,19 +1175,6 @@ if triton is not None:
             group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
             pid_m = first_m + (tile % group) % group_rows
             pid_n = (tile % group) // group_rows
-            rows = pid_m * BM + tl.arange(0, BM)
-            cols = pid_n * BN + tl.arange(0, BN)
-            offsets = rows[:, None].to(tl.int64) * N + cols[None, :]
-            inside = (rows[:, None] < M) & (cols[None, :] < N)
-            byte_cols = pid_n * (BN // 8) + tl.arange(0, BN // 8)
-            byte_offsets = rows[:, None].to(tl.int64) * (N // 8) + byte_cols[None, :]
-            byte_inside = (rows[:, None] < M) & (byte_cols[None, :] < N // 8)
-            if PREFETCH and not UP:
-                if SIGN_BITS:
-                    saved = tl.load(post + offsets, mask=inside, other=0.0)
-                    signs = tl.load(keep + byte_offsets, mask=byte_inside, other=0)
-                else:
-                    saved = tl.load(keep + offsets, mask=inside, other=0.0)
             acc = tl.zeros((BM, BN), dtype=tl.float32)
             for k in range(0, K, BK):
                 a_tile = a_desc.load([pid_m * BM, k])
@@ -1208,86 +1182,68 @@ if triton is not None:
                 if UPCAST:  # Triton's CPU interpreter multiplies bf16 tiles as raw integers; fp32 holds them exactly
                     a_tile, b_tile = a_tile.to(tl.float32), b_tile.to(tl.float32)
                 acc = tl.dot(a_tile, b_tile, acc)
+            rows = pid_m * BM + tl.arange(0, BM)
+            cols = pid_n * BN + tl.arange(0, BN)
+            offsets = rows[:, None].to(tl.int64) * N + cols[None, :]
+            inside = (rows[:, None] < M) & (cols[None, :] < N)
             if UP:
-                if SIGN_BITS:
-                    h = tl.where(acc > 0, acc, 0.5 * acc)
-                    tl.store(post + offsets, (h * h).to(post.dtype.element_ty), mask=inside)
-                    tl.store(keep + byte_offsets, _pack_signs(acc > 0, BM, BN), mask=byte_inside)
-                else:
-                    pre = acc.to(keep.dtype.element_ty)  # rounded as the module path rounds it
-                    tl.store(keep + offsets, pre, mask=inside)
-                    h = pre.to(tl.float32)
-                    h = tl.where(h > 0, h, 0.5 * h)
-                    tl.store(post + offsets, (h * h).to(post.dtype.element_ty), mask=inside)
+                pre = acc.to(out_ptr.dtype.element_ty)
+                tl.store(out_ptr + offsets, pre, mask=inside)
+                h = pre.to(tl.float32)
+                h = tl.where(h > 0, h, 0.5 * h)
+                tl.store(act_ptr + offsets, (h * h).to(act_ptr.dtype.element_ty), mask=inside)
             else:
-                if not PREFETCH:
-                    if SIGN_BITS:
-                        saved = tl.load(post + offsets, mask=inside, other=0.0)
-                        signs = tl.load(keep + byte_offsets, mask=byte_inside, other=0)
-                    else:
-                        saved = tl.load(keep + offsets, mask=inside, other=0.0)
-                if SIGN_BITS:  # d post/d pre: 2·pre = 2·sqrt(post) (pre > 0), 0.5·pre = -sqrt(post) (pre <= 0)
-                    root = tl.sqrt(saved.to(tl.float32))
-                    slope = tl.where(_unpack_signs(signs, BM, BN), 2.0 * root, -root)
-                else:
-                    pre = saved.to(tl.float32)
-                    slope = tl.where(pre > 0, 2.0 * pre, 0.5 * pre)
-                tl.store(d_pre + offsets, (acc * slope).to(d_pre.dtype.element_ty), mask=inside)
+                pre = tl.load(act_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+                slope = tl.where(pre > 0, 2.0 * pre, 0.5 * pre)
+                tl.store(out_ptr + offsets, (acc * slope).to(out_ptr.dtype.element_ty), mask=inside)
 
-    def _mlp_gemm(a: Tensor, w: Tensor, post: Tensor, keep: Tensor, d_pre: Tensor | None = None) -> None:
-        """Up-projection (d_pre None; w = W_fc [N, K]) writing post and keep, or the d post GEMM (w = W_proj [K, N])
-        writing d_pre from post and keep."""
+    def _mlp_gemm(a: Tensor, w: Tensor, out: Tensor, act: Tensor, up: bool) -> None:
+        """out (and act) from a [M, K] and the weight as stored: W_fc [N, K] (up) or W_proj [K, N]."""
         cfg = FUSED_MLP_TILES
-        up = d_pre is None
-        (M, K), N, BM, BN, BK = a.shape, post.size(1), cfg["BM"], cfg["BN"], cfg["BK"]
+        (M, K), N, BM, BN, BK = a.shape, out.size(1), cfg["BM"], cfg["BN"], cfg["BK"]
         sms = (torch.cuda.get_device_properties(a.device).multi_processor_count if a.device.type == "cuda"
                else 4)  # the interpreter: a few programs, so that each makes several passes
         tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
         programs = min(sms, tiles)
         _mlp_gemm_kernel[(programs,)](TensorDescriptor.from_tensor(a, [BM, BK]),
-                                      TensorDescriptor.from_tensor(w, [BN, BK] if up else [BK, BN]), post, keep,
-                                      post if up else d_pre, M, N=N, K=K, UP=up, UPCAST=TRITON_INTERPRET,
-                                      PROGRAMS=programs, TILES_EACH=triton.cdiv(tiles, programs), **cfg)
-
-    def _keep_like(post: Tensor) -> Tensor:
-        if FUSED_MLP_TILES["SIGN_BITS"]:
-            return post.new_empty(post.size(0), post.size(1) // 8, dtype=torch.uint8)
-        return torch.empty_like(post)
+                                      TensorDescriptor.from_tensor(w, [BN, BK] if up else [BK, BN]), out, act, M,
+                                      N=N, K=K, UP=up, UPCAST=TRITON_INTERPRET, PROGRAMS=programs,
+                                      TILES_EACH=triton.cdiv(tiles, programs), **cfg)
 
     @torch.library.custom_op("pgolf::leaky_relu_sq_mlp", mutates_args=())
     def _leaky_relu_sq_mlp_op(u: Tensor, w_fc: Tensor, w_proj: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(out, keep, post): out = leaky(u·w_fcᵀ)²·w_projᵀ for u [N, dim]; keep and post are kept for the backward."""
+        """(out, pre, post): out = leaky(u·w_fcᵀ)²·w_projᵀ for u [N, dim]; pre and post are kept for the backward."""
         u = u.contiguous()
-        post = u.new_empty(u.size(0), w_fc.size(0))
-        keep = _keep_like(post)
+        pre = u.new_empty(u.size(0), w_fc.size(0))
+        post = torch.empty_like(pre)
         if u.numel():
-            _mlp_gemm(u, w_fc, post, keep)
-        return post @ w_proj.t(), keep, post
+            _mlp_gemm(u, w_fc, pre, post, up=True)
+        return post @ w_proj.t(), pre, post
 
     @_leaky_relu_sq_mlp_op.register_fake
     def _leaky_relu_sq_mlp_fake(u, w_fc, w_proj):
-        post = u.new_empty(u.size(0), w_fc.size(0))
-        return u.new_empty(u.size(0), w_proj.size(0)), _keep_like(post), post
+        pre = u.new_empty(u.size(0), w_fc.size(0))
+        return u.new_empty(u.size(0), w_proj.size(0)), pre, torch.empty_like(pre)
 
     @torch.library.custom_op("pgolf::leaky_relu_sq_mlp_backward", mutates_args=())
-    def _leaky_relu_sq_mlp_backward_op(grad: Tensor, u: Tensor, w_fc: Tensor, w_proj: Tensor, keep: Tensor,
+    def _leaky_relu_sq_mlp_backward_op(grad: Tensor, u: Tensor, w_fc: Tensor, w_proj: Tensor, pre: Tensor,
                                        post: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(d u, d w_fc, d w_proj) for the output gradient `grad` [N, dim]."""
         grad = grad.contiguous()
-        d_pre = torch.empty_like(post)
+        d_pre = torch.empty_like(pre)
         if grad.numel():
-            _mlp_gemm(grad, w_proj, post, keep, d_pre)
+            _mlp_gemm(grad, w_proj, d_pre, pre, up=False)
         return d_pre @ w_fc, d_pre.t() @ u, grad.t() @ post
 
     @_leaky_relu_sq_mlp_backward_op.register_fake
-    def _leaky_relu_sq_mlp_backward_fake(grad, u, w_fc, w_proj, keep, post):
+    def _leaky_relu_sq_mlp_backward_fake(grad, u, w_fc, w_proj, pre, post):
         return torch.empty_like(u), torch.empty_like(w_fc), torch.empty_like(w_proj)
 
     def _leaky_relu_sq_mlp_setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs, output[1], output[2])
         ctx.mark_non_differentiable(output[1], output[2])
 
-    def _leaky_relu_sq_mlp_grad(ctx, grad_out, grad_keep, grad_post):
+    def _leaky_relu_sq_mlp_grad(ctx, grad_out, grad_pre, grad_post):
         return torch.ops.pgolf.leaky_relu_sq_mlp_backward(grad_out, *ctx.saved_tensors)
 
     _leaky_relu_sq_mlp_op.register_autograd(_leaky_relu_sq_mlp_grad, setup_context=_leaky_relu_sq_mlp_setup_context)

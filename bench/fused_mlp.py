@@ -8,9 +8,9 @@
 2. Timing (median of --iters, CUDA events) of forward and forward + backward, and the peak memory above the inputs:
    the module path eagerly and under torch.compile(fullgraph=True) (what the training region runs unfused), and the
    fused op eagerly and compiled.
-3. Tile sweep (FUSED_MLP_TILES, including the epilogue's store path) of each fused GEMM alone, next to cuBLAS doing
-   the bare GEMM, with each result's error against cuBLAS + fp32 activation; the fastest correct config is printed
-   and saved as best_tiles (bench/profile_step.py --mlp-tiles takes it).
+3. Tile sweep (FUSED_MLP_TILES) of each fused GEMM alone, next to cuBLAS doing the bare GEMM, with each result's
+   error against cuBLAS's GEMM + the activation in fp32; the fastest correct config is printed and saved as
+   best_tiles (bench/profile_step.py --mlp-tiles takes it, to time it in a whole training step).
 
 Prints tables and writes <out>/fused_mlp.json (out: --out, else $OUT, else bench_out).
 """
@@ -28,13 +28,9 @@ sys.path.insert(0, str(ROOT))
 import train_gpt as tg  # noqa: E402
 from cuda_timing import median_ms, peak_mib, print_table, write_result  # noqa: E402
 
-# (BM, BN, BK, warps, stages, GROUP_M, SIGN_BITS, PREFETCH): SIGN_BITS keeps pre's signs as bits for the backward
-# instead of pre; PREFETCH reads what the d post GEMM's epilogue needs before its K loop.
-CONFIGS = [dict(BM=bm, BN=bn, BK=bk, GROUP_M=g, SIGN_BITS=sb, PREFETCH=pf, num_warps=w, num_stages=st)
-           for bm, bn, bk, w, st, g, sb, pf in
-           [(128, 256, 64, 8, 4, 8, 0, 0), (128, 256, 64, 8, 4, 8, 0, 1), (128, 256, 64, 8, 4, 8, 1, 0),
-            (128, 256, 64, 8, 4, 8, 1, 1), (128, 256, 64, 8, 3, 8, 1, 0), (128, 256, 64, 8, 3, 8, 1, 1),
-            (128, 128, 64, 8, 4, 8, 1, 0), (128, 128, 64, 4, 4, 8, 1, 1)]]
+CONFIGS = [dict(BM=bm, BN=bn, BK=bk, GROUP_M=g, num_warps=w, num_stages=st) for bm, bn, bk, w, st, g in
+           [(128, 256, 64, 8, 4, 8), (128, 256, 64, 8, 3, 8), (128, 256, 64, 8, 4, 16), (128, 128, 64, 8, 4, 8),
+            (128, 128, 64, 4, 4, 8), (256, 128, 64, 8, 3, 8), (128, 128, 64, 8, 5, 8)]]
 
 
 def module_mlp(u, w_fc, w_proj):
@@ -111,37 +107,34 @@ def sweep(rows: int, dim: int, hidden: int, iters: int) -> list[dict]:
 
     try:
         for cfg in CONFIGS:
-            label = "{BM}x{BN}x{BK} w{num_warps} s{num_stages} g{GROUP_M} bits{SIGN_BITS} pf{PREFETCH}".format(**cfg)
+            label = "{BM}x{BN}x{BK} w{num_warps} s{num_stages} g{GROUP_M}".format(**cfg)
             tg.FUSED_MLP_TILES = cfg
-            post = torch.empty(rows, hidden, device="cuda", dtype=torch.bfloat16)
-            keep, d_pre = tg._keep_like(post), torch.empty_like(post)
-            checks = (("up", lambda: tg._mlp_gemm(u, w_fc, post, keep),
-                       lambda: max(rel(post, ref_post), 0.0 if cfg["SIGN_BITS"] else rel(keep, ref_pre))),
-                      ("grad", lambda: tg._mlp_gemm(grad, w_proj, post, keep, d_pre), lambda: rel(d_pre, ref_d_pre)))
-            for gemm, call, error in checks:  # up first: grad reads its post and keep
+            pre, post, d_pre = (torch.empty(rows, hidden, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+            checks = (("up", lambda: tg._mlp_gemm(u, w_fc, pre, post, up=True),
+                       lambda: max(rel(pre, ref_pre), rel(post, ref_post))),
+                      ("grad", lambda: tg._mlp_gemm(grad, w_proj, d_pre, ref_pre, up=False),
+                       lambda: rel(d_pre, ref_d_pre)))
+            for gemm, call, error in checks:
                 try:
                     call()
                     out.append(dict(gemm=gemm, config=label, tiles=cfg, rel_err=error(), ms=median_ms(call, iters)))
                 except Exception as e:  # e.g. out of shared memory: report and go on
                     out.append(dict(gemm=gemm, config=label, tiles=cfg, error=f"{type(e).__name__}: {e}"[:300]))
-                    break
     finally:
         tg.FUSED_MLP_TILES = default
     return out
 
 
 def best_tiles(rows: list[dict]) -> dict | None:
-    """The config with the least up + grad time among those that ran both GEMMs within 1e-2 of the reference."""
-    ms = {}
+    """The config with the least up + grad time among those whose two GEMMs both ran within 1e-2 of the reference."""
+    totals = {}
     for r in rows:
         if "tiles" in r:
-            ok = r.get("rel_err", 1.0) <= 1e-2
-            key = r["config"]
-            ms.setdefault(key, [r["tiles"], 0.0, 0])
-            ms[key][1] += r["ms"] if ok else float("inf")
-            ms[key][2] += ok
-    done = [(t, total) for t, total, n in ms.values() if n == 2]
-    return min(done, key=lambda c: c[1])[0] if done else None
+            ms = r["ms"] if r.get("rel_err", 1.0) <= 1e-2 else float("inf")
+            tiles, total, n = totals.get(r["config"], (r["tiles"], 0.0, 0))
+            totals[r["config"]] = (tiles, total + ms, n + 1)
+    done = [(total, tiles) for tiles, total, n in totals.values() if n == 2 and total < float("inf")]
+    return min(done, key=lambda c: c[0])[1] if done else None
 
 
 def main():
