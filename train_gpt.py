@@ -1003,8 +1003,10 @@ class Block(nn.Module):
         x = mix[0] * x + mix[1] * x0
         u = self._norm(x)
         fc_shares_gemm = self.parallel and not self.mlp.runs_fused(u, lora)  # the fused MLP does its own fc
-        same_input = (self.attn.c_q, self.attn.c_k, self.attn.c_v) + ((self.mlp.fc,) if fc_shares_gemm else ())
-        fused = self._input_projections(u, same_input) if self.fuse_input_projections else None
+        fused = None
+        if self.fuse_input_projections:
+            fused = self._input_projections(u, (self.attn.c_q, self.attn.c_k, self.attn.c_v)
+                                            + ((self.mlp.fc,) if fc_shares_gemm else ()))
         attn_out = self.attn(u, doc_mask, lora, None if fused is None else fused[:3])
         if self.parallel:  # GPT-J style: attention and MLP read the same normalized input
             mlp_out = self.mlp(u, lora, fused[3] if fused is not None and fc_shares_gemm else None)
