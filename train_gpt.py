@@ -959,7 +959,7 @@ class MLP(nn.Module):
         """Training steps (grad on) take the fused kernels; evaluation and GPTQ calibration (no_grad: its hooks need
         the linears) and LoRA TTT do not. Not the train/eval flag: it is no graph guard (a training step may follow a
         validation that left the model in eval mode), whereas grad mode always is one."""
-        return self.fused and lora is None and torch.is_grad_enabled() and fused_kernels_supported(u.device)
+        return self.fused and lora is None and torch.is_grad_enabled() and fused_kernels_supported(u.device, tma=True)
 
     def forward(self, u: Tensor, lora=None, fc_out=None) -> Tensor:
         if fc_out is None and self.runs_fused(u, lora):
@@ -1038,6 +1038,10 @@ try:  # optional: where Triton is missing (CPU machines, CI) the training loss t
     import triton.language as tl
 except ImportError:
     triton = None
+try:  # host-side TMA descriptors (Triton >= 3.4) for the fused MLP's GEMMs; without them the MLP takes the module path
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
 
 # Vocabulary columns per step of a row's loop and warps per row. H100, [98304, 8192] bf16 (bench/fused_ce.py sweep):
 # 2048/4 takes 1.039 ms forward and 2.203 forward+backward, #1787's 1024/4 1.123 and 2.260.
@@ -1045,8 +1049,11 @@ FUSED_CE_BLOCK, FUSED_CE_WARPS = 2048, 4
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # Triton's CPU interpreter: tests run the kernels
 
 
-def fused_kernels_supported(device: torch.device) -> bool:
-    return triton is not None and (device.type == "cuda" or (TRITON_INTERPRET and device.type == "cpu"))
+def fused_kernels_supported(device: torch.device, tma: bool = False) -> bool:
+    """Triton kernels run on `device`: CUDA, or the CPU under Triton's interpreter. tma: the kernel also needs
+    Triton's TMA descriptors (the fused MLP)."""
+    return (triton is not None and (device.type == "cuda" or (TRITON_INTERPRET and device.type == "cpu"))
+            and (TensorDescriptor is not None or not tma))
 
 
 if triton is not None:
@@ -1154,9 +1161,7 @@ def softcap_cross_entropy(z: Tensor, targets: Tensor, cap: float) -> Tensor:
 # 0.561 / 0.633; non-persistent 0.530 / 0.590; cuBLAS's bare GEMM (no epilogue) 0.354 / 0.346.
 FUSED_MLP_TILES = dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=4)
 
-if triton is not None:
-    from triton.tools.tensor_descriptor import TensorDescriptor  # host-side TMA descriptors (Triton >= 3.4)
-
+if TensorDescriptor is not None:
     @triton.jit
     def _mlp_gemm_kernel(a_desc, b_desc, out_ptr, act_ptr, M, N: tl.constexpr, K: tl.constexpr, UP: tl.constexpr,
                          UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
@@ -1252,7 +1257,8 @@ if triton is not None:
 
 
 def leaky_relu_sq_mlp(u: Tensor, w_fc: Tensor, w_proj: Tensor) -> Tensor:
-    """MLP.forward's math by the fused kernels (needs fused_kernels_supported(u.device)); weights in u's dtype."""
+    """MLP.forward's math by the fused kernels (needs fused_kernels_supported(u.device, tma=True)); weights in u's
+    dtype."""
     return torch.ops.pgolf.leaky_relu_sq_mlp(u.reshape(-1, u.size(-1)), w_fc, w_proj)[0].view(*u.shape[:-1], -1)
 
 
@@ -3608,7 +3614,7 @@ def main() -> None:
             f"attention:{dense} doc_attention:{DOC_ATTENTION_BACKEND if hp.doc_isolated_attn else 'off'}")
     log_compile_cache(hp, ctx)
     ctx.log(f"fused_ce:{int(bool(hp.fused_ce) and fused_kernels_supported(ctx.device))} "
-            f"fused_mlp:{int(bool(hp.fused_mlp) and fused_kernels_supported(ctx.device))} "
+            f"fused_mlp:{int(bool(hp.fused_mlp) and fused_kernels_supported(ctx.device, tma=True))} "
             f"triton:{triton.__version__ if triton is not None else 'missing'}")
     sidecar = byte_tables.sidecar is not None
     ctx.log(f"val_byte_accounting: {'per-token byte sidecars fineweb_val_bytes_*' if sidecar else 'tokenizer piece table'}")
