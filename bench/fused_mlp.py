@@ -30,7 +30,8 @@ from cuda_timing import median_ms, peak_mib, print_table, write_result  # noqa: 
 
 CONFIGS = [dict(BM=bm, BN=bn, BK=bk, GROUP_M=g, num_warps=w, num_stages=st) for bm, bn, bk, w, st, g in
            [(128, 256, 64, 8, 4, 8), (128, 256, 64, 8, 3, 8), (128, 256, 64, 8, 4, 16), (128, 128, 64, 8, 4, 8),
-            (128, 128, 64, 4, 4, 8), (256, 128, 64, 8, 3, 8), (128, 128, 64, 8, 5, 8)]]
+            (128, 128, 64, 4, 4, 8), (256, 128, 64, 8, 3, 8), (256, 128, 64, 8, 4, 8), (128, 128, 64, 8, 5, 8),
+            (128, 256, 128, 8, 2, 8)]]
 
 
 def module_mlp(u, w_fc, w_proj):
