@@ -181,6 +181,34 @@ def test_cpu_without_interpreter_takes_module_path():
     torch.testing.assert_close(mlp(u), module_mlp(u, mlp.fc.weight, mlp.proj.weight))
 
 
+H100_SHARED_MEMORY = 232448  # bytes of shared memory one block may use on sm90 (227 KiB)
+
+
+def test_default_tiles_compile_for_hopper_within_shared_memory():
+    """Both fused GEMMs, at the training shape, compile for sm90 (Triton's bundled ptxas: no GPU needed) and fit an
+    H100's shared memory; a tile or stage change that does not fit fails here, not at the first step of a GPU run."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    import train_gpt as tg
+
+    cfg = dict(tg.FUSED_MLP_TILES)
+    options = {k: cfg.pop(k) for k in ("num_warps", "num_stages")}
+    bm, bn, bk = cfg["BM"], cfg["BN"], cfg["BK"]
+    rows, dim, hidden, programs = 48 * 2048, 512, 2048, 132  # one H100's micro-batch; 132 SMs
+    tiles = triton.cdiv(rows, bm) * triton.cdiv(hidden, bn)
+    for up in (True, False):
+        runtime = {"a_desc": f"tensordesc<bf16[{bm}, {bk}]>", "out_ptr": "*bf16", "act_ptr": "*bf16", "M": "i32",
+                   "b_desc": f"tensordesc<bf16[{bn}, {bk}]>" if up else f"tensordesc<bf16[{bk}, {bn}]>"}
+        constants = dict(cfg, N=hidden, K=dim, UP=up, UPCAST=False, PROGRAMS=programs,
+                         TILES_EACH=triton.cdiv(tiles, programs))
+        signature = {name: runtime.get(name, "constexpr") for name in tg._mlp_gemm_kernel.arg_names}
+        kernel = triton.compile(ASTSource(fn=tg._mlp_gemm_kernel, signature=signature, constexprs=constants),
+                                target=GPUTarget("cuda", 90, 32), options=options)
+        assert 0 < kernel.metadata.shared <= H100_SHARED_MEMORY, (up, kernel.metadata.shared)
+
+
 def test_without_tma_descriptors_the_module_path_runs():
     """Triton older than 3.4 has no host-side TMA descriptors: the script still imports and the fused CE still runs
     (here under the interpreter), and the MLP takes the module path."""
