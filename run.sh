@@ -88,7 +88,7 @@ say "preflight: config ok, $(grep -m1 '^model_params:' "$RUNS_DIR/preflight.log"
 hp() { sed -n "s/^  $1: //p" "$RUNS_DIR/preflight.log" | head -n 1; }
 if [ "$SMOKE" != 1 ]; then
   data_path=$(hp data_path); tok=$(hp tokenizer_path); val_glob=$(hp val_files)
-  train_glob=$(hp train_files); train_glob=${train_glob:-$data_path/fineweb_train_*.bin}
+  train_glob=$data_path/fineweb_train_*.bin
   [ -n "$data_path" ] || die "the DRY_RUN output names no data_path"
   compgen -G "$train_glob" >/dev/null || die "no training shards match $train_glob. Download the data first, e.g.
     MATCHED_FINEWEB_REPO_ID=kevclark/parameter-golf python3 data/cached_challenge_fineweb.py --variant sp8192 --train-shards 128

@@ -956,9 +956,10 @@ class MLP(nn.Module):
         self.fused = fused
 
     def runs_fused(self, u: Tensor, lora=None) -> bool:
-        """Training steps (grad on) take the fused kernels; evaluation and GPTQ calibration (no_grad: its hooks need
-        the linears) and LoRA TTT do not. Not the train/eval flag: it is no graph guard (a training step may follow a
-        validation that left the model in eval mode), whereas grad mode always is one."""
+        """Steps with gradients (training, and the SGD steps of TTT) take the fused kernels; no-grad scoring, GPTQ
+        calibration (no_grad: its hooks need the linears) and the LoRA adapter steps do not. Not the train/eval flag:
+        it is no graph guard (a training step may follow a validation that left the model in eval mode), whereas grad
+        mode always is one."""
         return self.fused and lora is None and torch.is_grad_enabled() and fused_kernels_supported(u.device, tma=True)
 
     def forward(self, u: Tensor, lora=None, fc_out=None) -> Tensor:
@@ -1152,8 +1153,9 @@ def softcap_cross_entropy(z: Tensor, targets: Tensor, cap: float) -> Tensor:
 # post again, for W_proj's gradient). Here the up-projection GEMM writes pre and post from its accumulator, and the
 # d post GEMM multiplies by d post/d pre = 2·pre (pre > 0) or 0.5·pre (pre <= 0), reading pre, before it writes d pre.
 # Post is kept for the backward instead of recomputed (+0.4 GB of activations per layer call at 98,304 tokens).
-# The other three GEMMs stay cuBLAS. Evaluation, GPTQ calibration (its hooks need the linears) and LoRA TTT take the
-# module path.
+# The other three GEMMs stay cuBLAS. Every step with gradients runs it (training, score-first TTT, LoRA TTT's global
+# phases); no-grad scoring, GPTQ calibration (its hooks need the linears) and the LoRA adapter steps take the module
+# path.
 # -----------------------------------------------------------------------------------------------------
 
 # Tile (rows, columns, depth), L2 grouping of row tiles, warps and pipeline stages of both GEMMs. H100, u [98304, 512],
@@ -3016,7 +3018,9 @@ def _lora_step(model, lora, optimizer, tokens, slot_start, slot_preds, ci: int, 
     x_sel, y_sel = x.gather(1, sel), y.gather(1, sel)
     with ctx.autocast(), _lora_sdpa_context():
         ce = _compiled(_lora_chunk_losses, hp, dynamic=True)(model, lora, x, sel, y_sel)
-    sums.add(ce.detach(), scored, target.gather(1, sel), count_target_bytes(x_sel, y_sel, tables))  # score first
+    tgt = target.gather(1, sel)  # a byte sidecar is read at the target token's own stream position, tgt + 1
+    sums.add(ce.detach(), scored, tgt, count_target_bytes(x_sel, y_sel, tables,
+                                                          (tgt + 1).clamp(max=tokens.numel() - 1)))  # score first
     if trains:
         weight = scored * ((preds > lo + C) / count.clamp(min=1))[:, None]
         (ce * weight).sum().backward()

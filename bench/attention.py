@@ -18,7 +18,7 @@ per forward, shared by every layer), the projection build + n * (forward+backwar
 calls of a micro-batch, the relative max error of output and input gradients against an fp32 reference on the first
 two rows, peak memory, whether a second batch with other documents recompiled (it must not), and for the first
 --rows value that mask and attention compiled into one graph, as in training, give the same result. Prints a table,
-writes <out>/attention.json (--out defaults to $OUT).
+writes <out>/attention.json (out: --out, else $OUT, else bench_out).
 """
 import argparse
 import contextlib

@@ -1,6 +1,6 @@
 """Fused softcapped cross-entropy (train_gpt.py section 3) against the eager and the compiled eager loss, on one GPU.
 
-    python3 bench/fused_ce.py [--rows 98304] [--vocab 8192] [--dim 512] [--iters 20] [--out DIR]
+    python3 bench/fused_ce.py [--rows 98304] [--vocab 8192] [--dim 512] [--iters 20] [--out DIR] [--no-sweep]
 
 1. Correctness on CUDA: the fused per-row loss and dz against the fp32 eager reference (30·tanh(z/30), then
    F.cross_entropy) for bf16 and fp32 z, at the training shape and at a vocabulary that is not a multiple of the block.

@@ -1,6 +1,6 @@
 """GPU benchmark suite: one train_gpt.py run with fixed settings, everything measured from that run.
 
-    python3 bench/suite.py --out $OUT [--name NAME] [--nproc N] [--budget S] [ENV=VALUE ...]
+    python3 bench/suite.py --out $OUT [--name NAME] [--nproc N] [--budget S] [--deadline S] [ENV=VALUE ...]
     python3 bench/suite.py --parse ARTIFACT_DIR [--out DIR]      (a finished run's train.log + metrics.jsonl)
     python3 bench/suite.py --compare A.json B.json
 

@@ -36,8 +36,7 @@ MIN_SEEDS = 3
 LN2 = math.log(2.0)
 
 # Hyperparameters that name the machine or the run rather than the configuration.
-RUN_SPECIFIC_KEYS = {"seed", "run_id", "artifact_dir", "data_dir", "data_path", "tokenizer_path", "val_files",
-                     "train_files", "smoke", "dry_run", "eval_only", "artifact_path"}
+RUN_SPECIFIC_KEYS = {"seed", "run_id", "artifact_dir", "data_dir", "data_path", "tokenizer_path", "val_files", "smoke", "dry_run", "eval_only", "artifact_path"}
 
 # Results-table columns: (title, predicate on an eval label).
 EVAL_COLUMNS = [
@@ -482,6 +481,18 @@ def eval_cell(run: SeedRun, predicate) -> str:
     return f"{run.evals[labels[-1]]['val_bpb']:.8f}" if labels else "–"
 
 
+TTT_TECHNIQUES = {  # TTT_MODE -> (keys, text), as in describe_techniques
+    "score_first": (("ttt_enabled", "ttt_lr", "ttt_epochs", "ttt_chunk_tokens"),
+                    "score-first test-time training (SGD lr {ttt_lr}, {ttt_epochs} epochs per {ttt_chunk_tokens}-token "
+                    "chunk)"),
+    "lora_phased": (("ttt_enabled", "ttt_lora_rank", "ttt_lora_lr", "ttt_chunk_size", "phased_ttt_num_phases",
+                     "global_ttt_lr"),
+                    "score-first test-time training: per-document LoRA (rank {ttt_lora_rank}, AdamW lr {ttt_lora_lr}, "
+                    "a step per {ttt_chunk_size} scored predictions) and {phased_ttt_num_phases} global SGD phases "
+                    "(lr {global_ttt_lr})"),
+}
+
+
 def describe_techniques(hp: dict) -> list[str]:
     """A plain list of what the config turns on, from the recorded hyperparameters (items whose keys are missing
     are left out, so a renamed setting drops a line rather than printing None)."""
@@ -498,8 +509,7 @@ def describe_techniques(hp: dict) -> list[str]:
         (("matrix_bits", "embed_bits", "compressor"),
          "GPTQ int{matrix_bits} matrices / int{embed_bits} embeddings, {compressor} compression"),
         (("sliding_window_enabled", "eval_stride"), "sliding-window eval (stride {eval_stride})"),
-        (("ttt_enabled", "ttt_lr", "ttt_epochs", "ttt_chunk_tokens"),
-         "score-first test-time training (lr {ttt_lr}, {ttt_epochs} epochs per {ttt_chunk_tokens}-token chunk)"),
+        TTT_TECHNIQUES.get(hp.get("ttt_mode", "score_first"), ((None,), "")),  # runs before TTT_MODE: score-first
     ]
     off = {"num_loops": 0, "parallel_residual_start": -1, "sliding_window_enabled": 0, "ttt_enabled": 0}
     out = []

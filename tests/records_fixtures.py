@@ -202,23 +202,3 @@ def fake_env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("SMOKE", "SEEDS", "NPROC", "RUNS_DIR", "NAME")}
     env.update(FAKE_FIXTURES_DIR=str(Path(__file__).resolve().parent), **extra)
     return env
-
-
-_PIPELINE_REASON: list = []
-
-
-def real_pipeline_missing() -> str | None:
-    """Why the repository's train_gpt.py cannot run SMOKE end to end yet (None when it looks able to)."""
-    if not _PIPELINE_REASON:
-        import subprocess
-
-        env = {**fake_env(), "SMOKE": "1", "DRY_RUN": "1"}
-        proc = subprocess.run([sys.executable, str(REPO_ROOT / "train_gpt.py")], cwd=REPO_ROOT, env=env,
-                              capture_output=True, text=True, timeout=300)
-        out = proc.stdout + proc.stderr
-        reason = None
-        if proc.returncode != 0 or "model_params:" not in out:
-            reason = (f"train_gpt.py cannot run SMOKE/DRY_RUN yet (exit {proc.returncode}, no model_params line): "
-                      "the training pipeline has not been merged from main")
-        _PIPELINE_REASON.append(reason)
-    return _PIPELINE_REASON[0]

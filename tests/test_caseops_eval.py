@@ -14,12 +14,18 @@ import sentencepiece as spm
 import torch
 
 from caseops_helpers import synthetic_doc, train_tiny_tokenizers
-from eval_helpers import make_ctx, make_model, smoke_hp, smoke_stream, stream_bytes, tg
+from eval_helpers import lora_hp, make_ctx, make_model, smoke_hp, smoke_stream, stream_bytes, tg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
 import build_shards  # noqa: E402
 
-EVALUATIONS = (tg.eval_val, tg.eval_val_sliding, tg.eval_val_ttt)
+EVALUATIONS = (tg.eval_val, tg.eval_val_sliding, tg.eval_val_ttt, tg.eval_val_lora_ttt)
+
+
+def eval_hp(evaluate) -> tg.Hyperparameters:
+    """Awkward geometry: partial blocks, chunks, windows (LoRA TTT: its own small looped config)."""
+    overrides = dict(eval_stride=48, ttt_chunk_tokens=1000)
+    return lora_hp(**overrides) if evaluate is tg.eval_val_lora_ttt else smoke_hp(**overrides)
 
 
 def table_sidecar(tokens: torch.Tensor, tables) -> torch.Tensor:
@@ -34,7 +40,7 @@ def table_sidecar(tokens: torch.Tensor, tables) -> torch.Tensor:
 
 @pytest.mark.parametrize("evaluate", EVALUATIONS, ids=lambda f: f.__name__)
 def test_sidecar_of_table_counts_gives_the_same_bpb(smoke_data, evaluate):
-    hp = smoke_hp(eval_stride=48, ttt_chunk_tokens=1000)  # awkward geometry: partial blocks, chunks, windows
+    hp = eval_hp(evaluate)
     tokens, tables = smoke_stream(smoke_data, hp, n_targets=1500)
     model = make_model(hp)
     with_sidecar = tg.ByteTables(*tables, sidecar=table_sidecar(tokens, tables))
@@ -51,7 +57,7 @@ def test_sidecar_of_table_counts_gives_the_same_bpb(smoke_data, evaluate):
 def test_sidecar_is_read_at_the_target_tokens_position(smoke_data, evaluate):
     """Target i is token i + 1, so of the positions 0..n only 1..n are ever credited: a count at position 0 (the
     first BOS) is never used and the one at position n (the last target) always is."""
-    hp = smoke_hp(eval_stride=48, ttt_chunk_tokens=1000)
+    hp = eval_hp(evaluate)
     tokens, tables = smoke_stream(smoke_data, hp, n_targets=700)
     n = len(tokens) - 1
     ends = torch.zeros(n + 1, dtype=torch.int32)

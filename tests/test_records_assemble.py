@@ -162,3 +162,17 @@ def test_parse_train_log_formats():
     assert log["coverage"]["quantized_ttt"]["expected_tokens"] == 40540160
     assert log["total_bytes"] == 15991930 and log["stop"] == {"train_time_ms": 588047, "step": 4550}
     assert log["train"] == [(500, 3.1234)] and log["val"] == [(0, 9.01)]
+
+
+def test_techniques_name_the_ttt_mode():
+    """The records README's technique list describes the TTT the run used (TTT_MODE), and none when it was off."""
+    base = {"ttt_enabled": 1, "ttt_lr": 0.005, "ttt_epochs": 3, "ttt_chunk_tokens": 32768, "ttt_lora_rank": 96,
+            "ttt_lora_lr": 1e-4, "ttt_chunk_size": 48, "phased_ttt_num_phases": 3, "global_ttt_lr": 0.001}
+    lora = [t for t in mr.describe_techniques({**base, "ttt_mode": "lora_phased"}) if "test-time" in t]
+    assert lora == ["score-first test-time training: per-document LoRA (rank 96, AdamW lr 0.0001, a step per 48 "
+                    "scored predictions) and 3 global SGD phases (lr 0.001)"]
+    for hp in ({**base, "ttt_mode": "score_first"}, base):  # a run from before TTT_MODE was score-first
+        assert [t for t in mr.describe_techniques(hp) if "test-time" in t] == [
+            "score-first test-time training (SGD lr 0.005, 3 epochs per 32768-token chunk)"]
+    assert not [t for t in mr.describe_techniques({**base, "ttt_enabled": 0, "ttt_mode": "lora_phased"})
+                if "test-time" in t]

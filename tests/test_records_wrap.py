@@ -3,8 +3,7 @@ import ast
 import subprocess
 import sys
 
-import pytest
-from records_fixtures import FAKE_TRAINER, REPO_ROOT, fake_env, load_make_record, real_pipeline_missing
+from records_fixtures import FAKE_TRAINER, REPO_ROOT, fake_env, load_make_record
 
 mr = load_make_record()
 tg = mr.train_gpt()
@@ -38,9 +37,6 @@ def test_wrapped_stand_in_runs_dry_run(tmp_path):
 
 
 def test_wrapped_repo_script_runs_dry_run(tmp_path):
-    reason = real_pipeline_missing()
-    if reason:
-        pytest.skip(reason)
     proc = run_wrapped(tmp_path, (REPO_ROOT / "train_gpt.py").read_text())
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "Hyperparameters:" in proc.stdout and "model_params:" in proc.stdout
