@@ -181,6 +181,17 @@ SMOKE_DEFAULTS = dict(
 )
 
 
+def _parse_int(raw: str) -> int:
+    """An integer, also written as a float ("1e6", "8.0"); 1.9 is an error, not 1."""
+    try:
+        return int(raw)
+    except ValueError:
+        value = float(raw)
+        if not value.is_integer():
+            raise ValueError(raw)
+        return int(value)
+
+
 def load_hyperparameters(environ=os.environ) -> Hyperparameters:
     """Defaults, then SMOKE defaults, then every field's upper-case environment variable."""
     hp = Hyperparameters()
@@ -192,7 +203,7 @@ def load_hyperparameters(environ=os.environ) -> Hyperparameters:
             continue
         cast = type(getattr(hp, f.name))
         try:
-            setattr(hp, f.name, cast(float(raw)) if cast is int else cast(raw))
+            setattr(hp, f.name, _parse_int(raw) if cast is int else cast(raw))
         except ValueError:
             raise SystemExit(f"config error: {f.name.upper()}={raw!r} is not a valid {cast.__name__}")
     hp.run_id = hp.run_id or time.strftime("%Y%m%d_%H%M%S_") + uuid.uuid4().hex[:6]
@@ -205,7 +216,11 @@ def load_hyperparameters(environ=os.environ) -> Hyperparameters:
 
 def validate_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
     """Configuration errors that can be found without data or GPU, each with what to set."""
-    errors = []
+    sizes = ("num_layers", "model_dim", "num_heads", "num_kv_heads", "train_seq_len", "eval_seq_len",
+             "train_batch_tokens", "vocab_size")
+    errors = [f"{name.upper()}={getattr(hp, name)} must be at least 1" for name in sizes if getattr(hp, name) < 1]
+    if errors:  # the checks below divide by these
+        raise SystemExit("config error:\n  " + "\n  ".join(errors))
     if 8 % world_size:
         errors.append(f"WORLD_SIZE={world_size} must divide 8 (gradient accumulation is 8/world); use 1, 2, 4 or 8 GPUs")
     grad_accum = 8 // world_size if 8 % world_size == 0 else 1
@@ -236,6 +251,9 @@ def validate_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
         errors.append("need TTT_BATCH_SIZE >= 2, TTT_LORA_RANK >= 1 and 1 <= TTT_CHUNK_SIZE <= EVAL_SEQ_LEN")
     if hp.phased_ttt_num_phases < 0 or hp.phased_ttt_prefix_docs < 0:
         errors.append("PHASED_TTT_NUM_PHASES and PHASED_TTT_PREFIX_DOCS must be >= 0")
+    if 0 < hp.max_wallclock_seconds <= hp.gptq_reserve_seconds:
+        errors.append(f"GPTQ_RESERVE_SECONDS={hp.gptq_reserve_seconds} leaves no training time in "
+                      f"MAX_WALLCLOCK_SECONDS={hp.max_wallclock_seconds}")
     if hp.eval_only and not hp.artifact_path:
         errors.append("EVAL_ONLY=1 needs ARTIFACT_PATH=<path of a .ptz artifact>")
     if errors:
@@ -960,7 +978,9 @@ class MLP(nn.Module):
         calibration (no_grad: its hooks need the linears) and the LoRA adapter steps do not. Not the train/eval flag:
         it is no graph guard (a training step may follow a validation that left the model in eval mode), whereas grad
         mode always is one."""
-        return self.fused and lora is None and torch.is_grad_enabled() and fused_kernels_supported(u.device, tma=True)
+        aligned = u.size(-1) % 8 == 0 and self.fc.weight.size(0) % 8 == 0  # TMA rows start on 16-byte boundaries
+        return (self.fused and lora is None and torch.is_grad_enabled() and aligned
+                and fused_kernels_supported(u.device, tma=True))
 
     def forward(self, u: Tensor, lora=None, fc_out=None) -> Tensor:
         if fc_out is None and self.runs_fused(u, lora):
@@ -1734,9 +1754,15 @@ def train(hp: Hyperparameters, ctx: RunContext, trainer: Trainer, budget_ms: flo
         loss_value = loss.item()  # syncs; the wallclock check below needs a sync anyway
         last_step_ms = 1000 * (time.perf_counter() - t0) - train_ms
         train_ms += last_step_ms
-        if not math.isfinite(loss_value):
-            ctx.log(f"error: non-finite training loss {loss_value} at step {step}; stopping. Lower MATRIX_LR / "
-                    "TIED_EMBED_LR or check the data. The log and metrics so far are kept.")
+        # The next step costs about as much as the slower of the mean and the last one (looping makes steps slower at
+        # once, which the mean would notice late), give or take STEP_TIME_MARGIN. One all-reduce carries its predicted
+        # end and, as inf, a non-finite loss on any rank, so the ranks stop together (a rank stopping alone would leave
+        # the others waiting in the next step's all-reduce).
+        next_step_ms = STEP_TIME_MARGIN * max(train_ms / step, last_step_ms)
+        worst_end_ms = all_reduce_max(ctx, train_ms + next_step_ms if math.isfinite(loss_value) else math.inf)
+        if not math.isfinite(worst_end_ms):
+            ctx.log(f"error: non-finite training loss at step {step} (rank {ctx.rank}: {loss_value}); stopping. Lower "
+                    "MATRIX_LR / TIED_EMBED_LR or check the data. The log and metrics so far are kept.")
             raise SystemExit(3)
         if step <= 5 or step % hp.train_log_every == 0:
             tok_s = step * tokens_per_step / (train_ms / 1000)
@@ -1749,13 +1775,9 @@ def train(hp: Hyperparameters, ctx: RunContext, trainer: Trainer, budget_ms: flo
             v0 = time.perf_counter()
             validate(step, train_ms)
             t0 += time.perf_counter() - v0  # validation time is not training time
-        if budget_ms > 0:
-            # The next step costs about as much as the slower of the mean and the last one (looping makes steps
-            # slower at once, which the mean would notice late), give or take STEP_TIME_MARGIN.
-            next_step_ms = STEP_TIME_MARGIN * max(train_ms / step, last_step_ms)
-            if all_reduce_max(ctx, train_ms + next_step_ms) > budget_ms:
-                stop_reason = "wallclock_cap"
-                break
+        if budget_ms > 0 and worst_end_ms > budget_ms:
+            stop_reason = "wallclock_cap"
+            break
     if stop_reason == "wallclock_cap":
         ctx.log(f"stopping_early: wallclock_cap train_time: {train_ms:.0f}ms step: {step}/{hp.iterations}")
     validate(step, train_ms)
@@ -3541,6 +3563,10 @@ def train_and_quantize(hp, ctx, train_files, val_tokens, tables, script, artifac
     STARTUP.mark("gptq_reserve")
     budget_ms = hp.max_wallclock_seconds * 1000 - reserve_s * 1000 if hp.max_wallclock_seconds > 0 else 0.0
     ctx.log(f"gptq:reserving {reserve_s:.1f}s, effective={budget_ms:.0f}ms")
+    if hp.max_wallclock_seconds > 0 and budget_ms <= 0:  # train() would read a budget <= 0 as "no cap"
+        raise SystemExit(f"config error: the measured GPTQ reserve of {reserve_s:.1f}s leaves no training time in "
+                         f"MAX_WALLCLOCK_SECONDS={hp.max_wallclock_seconds}; raise it or lower "
+                         "GPTQ_CALIBRATION_BATCHES")
 
     stop = {}  # the last validate call is the final validation, which train() runs right after its loop stops
 

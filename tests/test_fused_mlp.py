@@ -116,7 +116,9 @@ def check_model(tg) -> dict:
     return dict(calibrated_mlp=sorted(n for n in hessians if ".mlp." in n), loss_diff=abs(losses[True].item() - losses[False].item()),
                 grad_rel_err=max(_rel(a, b) for a, b in zip(grads[True], grads[False])),
                 ran_fused=ran_fused[True], ran_module=not ran_fused[False], train=mlp.runs_fused(u),
-                no_grad=no_grad, eval_mode=eval_mode, lora=mlp.runs_fused(u, lora=lambda *a: 0))
+                no_grad=no_grad, eval_mode=eval_mode, lora=mlp.runs_fused(u, lora=lambda *a: 0),
+                aligned=tg.MLP(64, 128, fused=True).runs_fused(torch.zeros(2, 64)),
+                misaligned=[tg.MLP(d, h, fused=True).runs_fused(torch.zeros(2, d)) for d, h in ((64, 100), (60, 128))])
 
 
 def worker() -> dict:
@@ -170,6 +172,13 @@ def test_fused_only_for_training_steps(interp):
     assert r["train"] and r["eval_mode"] and not r["no_grad"] and not r["lora"]
     assert r["calibrated_mlp"] == ["blocks.0.mlp.fc.weight", "blocks.0.mlp.proj.weight", "blocks.1.mlp.fc.weight",
                                    "blocks.1.mlp.proj.weight"]  # fused flags on, the hooks still saw both linears
+
+
+def test_widths_tma_cannot_address_take_module_path(interp):
+    """TMA needs 16-byte-aligned rows: a hidden or model width that is no multiple of 8 (MLP_MULT=3.3 say) takes the
+    module path instead of failing in the first backward."""
+    r = interp["model"]
+    assert r["aligned"] and r["misaligned"] == [False, False]
 
 
 def test_cpu_without_interpreter_takes_module_path():

@@ -9,15 +9,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 import train_gpt as tg
 from conftest import ROOT
+from eval_helpers import gloo_group
 
 
-def make_trainer(smoke_data, tmp_path, **env):
+def make_trainer(smoke_data, tmp_path, rank=0, world_size=1, **env):
     environ = {"SMOKE": "1", "DATA_PATH": smoke_data[0], "TOKENIZER_PATH": smoke_data[1], **env}
     hp = tg.load_hyperparameters(environ)
-    ctx = tg.RunContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"),
+    ctx = tg.RunContext(rank=rank, world_size=world_size, local_rank=rank, device=torch.device("cpu"),
                         log_path=str(tmp_path / "train.log"), metrics_path=str(tmp_path / "metrics.jsonl"))
     tg.configure_attention("sdpa_math")
     torch.manual_seed(0)
@@ -98,10 +100,27 @@ def test_dry_run_prints_config_and_parameter_count():
     ({"LOOP_END": "20"}, "LOOP_END"),
     ({"COMPRESSOR": "zip"}, "COMPRESSOR"),
     ({"COMPILE_SCOPE": "layers"}, "COMPILE_SCOPE='layers': use blocks or model"),
+    ({"NUM_KV_HEADS": "0"}, "NUM_KV_HEADS=0 must be at least 1"),
+    ({"TRAIN_BATCH_TOKENS": "0"}, "TRAIN_BATCH_TOKENS=0 must be at least 1"),
+    ({"SEED": "1.9"}, "SEED='1.9' is not a valid int"),
+    ({"GPTQ_RESERVE_SECONDS": "600"}, "GPTQ_RESERVE_SECONDS=600.0 leaves no training time"),
 ])
 def test_invalid_configuration_fails_with_what_to_set(env, message):
     r = run_script({"DRY_RUN": "1", **env})
     assert r.returncode != 0 and message in r.stderr
+
+
+def test_integers_may_be_written_as_floats():
+    hp = tg.load_hyperparameters({"ITERATIONS": "1e3", "SEED": "42.0", "TRAIN_SEQ_LEN": "2048"})
+    assert (hp.iterations, hp.seed, hp.train_seq_len) == (1000, 42, 2048)
+
+
+def test_measured_gptq_reserve_over_the_budget_stops_before_training(smoke_data, tmp_path):
+    """The measured reserve (at least 1 s) exceeds a 0.5 s budget: a config error, not a run without a time cap."""
+    r = run_script({"SMOKE": "1", "DATA_PATH": smoke_data[0], "TOKENIZER_PATH": smoke_data[1],
+                    "GPTQ_RESERVE_SECONDS": "-1", "MAX_WALLCLOCK_SECONDS": "0.5", "ARTIFACT_DIR": str(tmp_path)})
+    assert r.returncode != 0 and "leaves no training time in MAX_WALLCLOCK_SECONDS=0.5" in r.stderr
+    assert "train_loss" not in (tmp_path / "train.log").read_text()
 
 
 def test_missing_data_and_tokenizer_mismatch_fail_before_training(smoke_data, tmp_path):
@@ -157,4 +176,29 @@ def test_non_finite_loss_stops_the_run_with_the_log_kept(smoke_data, tmp_path, m
         tg.train(hp, ctx, trainer, 0.0, lambda step, ms: None)
     assert stop.value.code == 3
     log = (tmp_path / "train.log").read_text()
-    assert "error: non-finite training loss nan at step 4" in log and "1/10 train_loss" in log
+    assert "error: non-finite training loss at step 4 (rank 0: nan)" in log and "1/10 train_loss" in log
+
+
+def _nan_on_rank_1(rank: int, world_size: int, data, out_dir: str) -> None:
+    with gloo_group(rank, world_size, out_dir):
+        hp, ctx, trainer = make_trainer(data, Path(out_dir) / f"rank{rank}", rank, world_size, WARMUP_STEPS="0",
+                                        MAX_WALLCLOCK_SECONDS="0", ITERATIONS="10")
+        real_step = trainer.step
+        trainer.step = lambda step, lr: real_step(step, lr) * (float("nan") if step == 3 and rank == 1 else 1.0)
+        try:
+            tg.train(hp, ctx, trainer, 0.0, lambda step, ms: None)
+            code = 0
+        except SystemExit as stop:
+            code = stop.code
+        (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(code))
+
+
+def test_non_finite_loss_on_another_rank_stops_every_rank(smoke_data, tmp_path):
+    """Rank 1 sees the NaN; rank 0 (whose loss is finite, and which writes the log) stops at the same step instead of
+    waiting for rank 1 in the next step."""
+    for r in (0, 1):
+        (tmp_path / f"rank{r}").mkdir()
+    mp.spawn(_nan_on_rank_1, args=(2, smoke_data, str(tmp_path)), nprocs=2, join=True)
+    assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)] == [3, 3]
+    log = (tmp_path / "rank0" / "train.log").read_text()
+    assert "error: non-finite training loss at step 4 (rank 0: " in log and "4/10 train_loss" not in log
