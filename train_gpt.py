@@ -330,11 +330,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
-def find_shards(pattern: str, what: str) -> list[str]:
+def find_shards(pattern: str, what: str, vocab_size: int) -> list[str]:
     files = sorted(f for f in glob.glob(pattern) if "_bytes_" not in os.path.basename(f))
     if not files:
         raise SystemExit(f"data error: no {what} shards match {pattern}. Download them "
-                         "(python3 data/cached_challenge_fineweb.py --variant sp8192) or build them "
+                         f"(python3 data/cached_challenge_fineweb.py --variant sp{vocab_size}) or build them "
                          "(python3 data/build_shards.py), or point DATA_PATH / VAL_FILES at them.")
     for f in files:
         try:
@@ -785,7 +785,7 @@ def sdpa_context():
 # A backend is (build, attend): build(ids [B, T]) makes the mask once per forward and every layer's attend reuses it.
 # Both run inside the compiled training graph, so every shape in them is fixed by (B, T).
 
-BOS_ID = 1  # every document starts with BOS (ANCHORS 1.8); prepare_data checks that the tokenizer agrees
+BOS_ID = 1  # <s>: every document starts with it (ANCHORS 1.8); prepare_data checks that the tokenizer agrees
 VARLEN_TOKENS_PER_SLOT = 128  # varlen: one sequence slot per this many tokens, on top of one per row
 # On CUDA without FA3 the first of these that this torch has is used. bench/attention.py on an H100 (torch 2.11, 48
 # rows of real training data, fwd+bwd per layer call): flex 3.34 ms + 0.29 ms mask build, torch varlen 4.27 ms with
@@ -2841,7 +2841,6 @@ def eval_val_ttt(model: nn.Module, val_tokens: Tensor, tables, hp: Hyperparamete
 # 8-GPU run does, balanced by estimated cost), and lane l runs on rank l % world_size. So every world size computes
 # what 8 GPUs compute, and every rank knows when a phase starts.
 
-BOS_ID = 1  # <s> of the challenge tokenizers: every validation document starts with it
 TTT_LANES = 8  # the largest world size (validate_hyperparameters: WORLD_SIZE divides 8)
 LORA_TARGETS = ("q", "k", "v", "o", "mlp")  # adapted per virtual layer; plus one adapter on the logits
 LORA_BETAS, LORA_EPS = (0.0, 0.999), 1e-10
@@ -3407,12 +3406,15 @@ def prepare_data(hp: Hyperparameters, ctx_rank: int):
         hp.data_path = os.path.join(root, f"smoke_sp{hp.vocab_size}")
         hp.tokenizer_path = os.path.join(root, f"smoke_{hp.vocab_size}.model")
         hp.val_files = os.path.join(hp.data_path, "fineweb_val_*.bin")
-    train_files = find_shards(os.path.join(hp.data_path, "fineweb_train_*.bin"), "training")
-    val_files = find_shards(hp.val_files, "validation")
+    train_files = find_shards(os.path.join(hp.data_path, "fineweb_train_*.bin"), "training", hp.vocab_size)
+    val_files = find_shards(hp.val_files, "validation", hp.vocab_size)
     sp = load_tokenizer(hp.tokenizer_path, hp.vocab_size)
-    if hp.doc_isolated_attn and sp.bos_id() != BOS_ID:
-        raise SystemExit(f"tokenizer error: {hp.tokenizer_path} has bos_id {sp.bos_id()}, but documents are found by "
-                         f"BOS id {BOS_ID} (the challenge recipe); use such a tokenizer or set DOC_ISOLATED_ATTN=0")
+    by_bos = [f for f, on in (("DOC_ISOLATED_ATTN=1", hp.doc_isolated_attn),
+                              ("TTT_MODE=lora_phased", hp.ttt_enabled and hp.ttt_mode == "lora_phased")) if on]
+    if by_bos and sp.bos_id() != BOS_ID:  # else the whole stream would be one document
+        raise SystemExit(f"tokenizer error: {hp.tokenizer_path} has bos_id {sp.bos_id()}, but {' and '.join(by_bos)} "
+                         f"find documents by BOS id {BOS_ID} (the challenge recipe); use such a tokenizer, or set "
+                         "DOC_ISOLATED_ATTN=0 / TTT_MODE=score_first")
     val_tokens = load_validation_tokens(val_files, hp.eval_seq_len)
     tables = ByteTables(*(torch.from_numpy(t) for t in build_byte_tables(sp, hp.vocab_size)),
                         sidecar=load_validation_bytes(val_files, val_tokens.numel(), caseops_reason(sp, hp)))

@@ -163,7 +163,7 @@ def test_training_step_isolates_documents(smoke_data, monkeypatch):
                                       "DOC_ISOLATED_ATTN": flag})
         ctx = tg.RunContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
         torch.manual_seed(0)
-        files = tg.find_shards(os.path.join(hp.data_path, "fineweb_train_*.bin"), "training")
+        files = tg.find_shards(os.path.join(hp.data_path, "fineweb_train_*.bin"), "training", hp.vocab_size)
         model = tg.build_model(hp, ctx.device)
         with torch.no_grad():  # attention's zero-initialized output projections would make both losses equal
             for p in model.parameters():

@@ -24,7 +24,7 @@ def make_trainer(smoke_data, tmp_path, rank=0, world_size=1, **env):
     tg.configure_attention("sdpa_math")
     torch.manual_seed(0)
     model = tg.build_model(hp, ctx.device)
-    files = tg.find_shards(os.path.join(hp.data_path, "fineweb_train_*.bin"), "training")
+    files = tg.find_shards(os.path.join(hp.data_path, "fineweb_train_*.bin"), "training", hp.vocab_size)
     return hp, ctx, tg.Trainer(hp, ctx, model, files)
 
 
@@ -73,7 +73,7 @@ def test_steps_read_the_micro_batches_in_loader_order(smoke_data, tmp_path):
 
 
 def test_data_order_depends_on_seed_and_rank(smoke_data):
-    files = tg.find_shards(os.path.join(smoke_data[0], "fineweb_train_*.bin"), "training")
+    files = tg.find_shards(os.path.join(smoke_data[0], "fineweb_train_*.bin"), "training", 512)
     first = lambda seed, rank: tg.ShuffledSequenceLoader(files, 64, seed, rank, 2, torch.device("cpu")).next_batch(4)[0]
     assert torch.equal(first(1, 0), first(1, 0))
     assert not torch.equal(first(1, 0), first(2, 0))
@@ -133,6 +133,24 @@ def test_missing_data_and_tokenizer_mismatch_fail_before_training(smoke_data, tm
     (bad / "fineweb_train_000000.bin").write_bytes(b"\0" * 2048)
     r = run_script({"SMOKE": "1", "DATA_PATH": str(bad), "TOKENIZER_PATH": smoke_data[1]})
     assert r.returncode != 0 and "fineweb_train_000000.bin: bad magic" in r.stderr
+
+
+def test_missing_shards_message_names_the_vocabulary_variant(tmp_path):
+    r = run_script({"DATA_PATH": str(tmp_path), "VOCAB_SIZE": "1024", "TOKENIZER_PATH": str(tmp_path / "none")})
+    assert r.returncode != 0 and "cached_challenge_fineweb.py --variant sp1024" in r.stderr
+
+
+def test_tokenizer_without_the_challenge_bos_fails_for_lora_ttt(smoke_data, tmp_path):
+    """LoRA TTT finds documents by BOS id 1; a tokenizer with another BOS id (here 2) is refused before training."""
+    rng = np.random.default_rng(0)
+    words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), rng.integers(2, 9))) for _ in range(3000)]
+    docs = [" ".join(rng.choice(words, 200)) for _ in range(200)]
+    tokenizer = tg.train_sentencepiece(docs, str(tmp_path / "other_bos"), 512, bos_id=2, eos_id=1)
+    env = {"SMOKE": "1", "DATA_PATH": smoke_data[0], "TOKENIZER_PATH": tokenizer, "ARTIFACT_DIR": str(tmp_path)}
+    r = run_script({**env, "TTT_MODE": "lora_phased"})
+    assert r.returncode != 0 and "has bos_id 2, but TTT_MODE=lora_phased find documents by BOS id 1" in r.stderr
+    r = run_script({**env, "TTT_MODE": "score_first", "DRY_RUN": "1"})  # score-first TTT does not need it
+    assert r.returncode == 0, r.stderr[-2000:]
 
 
 def test_cpu_smoke_run_end_to_end(tmp_path):
