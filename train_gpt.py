@@ -1894,9 +1894,9 @@ def collect_hessians(model: nn.Module, batches) -> tuple[dict[str, Tensor], floa
 
     def hook(module, inputs, output):
         name, use_output = sources[module]
-        x = (output if use_output else inputs[0]).detach()
+        x = output if use_output else inputs[0]  # the tensor itself: a .detach() would be a new object each call
         if x is not last[0]:
-            last[0], last[1] = x, _gram(x.reshape(-1, x.shape[-1]))
+            last[0], last[1] = x, _gram(x.detach().reshape(-1, x.shape[-1]))
         if name not in hessians:
             hessians[name] = torch.zeros_like(last[1])
         hessians[name] += last[1]

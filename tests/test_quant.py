@@ -172,10 +172,15 @@ def test_scale_formula_and_zero_row():
 
 # ----- Hessians and the state dict ------------------------------------------------------------------------------------
 
-def test_collect_hessians_names_values_and_cleanup(small_threshold):
+def test_collect_hessians_names_values_and_cleanup(small_threshold, monkeypatch):
     model = StandIn()
     model.train()
+    grams = []
+    monkeypatch.setattr(tg, "_gram", lambda x, gram=tg._gram: grams.append(1) or gram(x))
     H, seconds = tg.collect_hessians(model, batches())
+    # per batch: 3 blocks x (the q/k/v input once, attn.proj's, fc's, mlp.proj's) + the embedding's = 13 products,
+    # not 19 (one per matrix)
+    assert len(grams) == len(batches()) * 13
     kinds = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.proj", "mlp.fc", "mlp.proj")
     names = {f"blocks.{i}.{m}.weight" for i in range(3) for m in kinds} | {"tok_emb.weight"}
     assert set(H) == names and seconds >= 0
