@@ -2342,10 +2342,12 @@ def estimate_compressed_bytes(tensors: dict[str, Tensor]) -> float:
     return total
 
 
-def size_report(artifact_path: str, script_path: str, compressor: str) -> tuple[int, list[str], bool]:
+def size_report(artifact_path: str, script_path: str, compressor: str,
+                autopilot: bool) -> tuple[int, list[str], bool]:
     """(bytes_total, log lines, fits): bytes_total = size of the artifact file + counted bytes of the code.
 
-    Over SIZE_CAP_BYTES the last line says so loudly and what to change."""
+    Over SIZE_CAP_BYTES the last line says so loudly and what to change (autopilot: the size search was on, so no clip
+    multiplier in its range fitted)."""
     model_bytes = os.path.getsize(artifact_path)
     code_bytes, how = counted_code_bytes(script_path)
     total = model_bytes + code_bytes
@@ -2355,8 +2357,10 @@ def size_report(artifact_path: str, script_path: str, compressor: str) -> tuple[
     fits = total <= SIZE_CAP_BYTES
     if not fits:
         lines.append(f"!!! SIZE CAP EXCEEDED: {total:,} bytes is {total - SIZE_CAP_BYTES:,} over the "
-                     f"{SIZE_CAP_BYTES:,}-byte cap; this artifact is NOT a valid submission. Rerun with "
-                     f"SIZE_TARGET_BYTES={SIZE_CAP_BYTES - 10_000} (autopilot) or larger *_CLIP_SIGMAS.")
+                     f"{SIZE_CAP_BYTES:,}-byte cap; this artifact is NOT a valid submission. " +
+                     ("Even the widest clipping the size search tries did not fit: rerun with fewer MATRIX_BITS / "
+                      "EMBED_BITS or a smaller model." if autopilot else
+                      f"Rerun with SIZE_TARGET_BYTES={SIZE_CAP_BYTES - 10_000} (autopilot) or larger *_CLIP_SIGMAS."))
     return total, lines, fits
 
 
@@ -3325,7 +3329,8 @@ def _warn_over_budget(what: str, total: float, sliding: float, ttt: float, hp: H
     advice = []
     if hp.sliding_window_enabled and hp.ttt_enabled:
         advice.append(f"SLIDING_WINDOW_ENABLED=0 (the TTT score is the one reported; saves ~{sliding:.0f}s)")
-    advice.append(f"a larger EVAL_STRIDE (now {hp.eval_stride}; window cost scales with 1/stride)")
+    if hp.sliding_window_enabled or (hp.ttt_enabled and hp.ttt_mode == "score_first"):  # what the stride drives
+        advice.append(f"a larger EVAL_STRIDE (now {hp.eval_stride}; window cost scales with 1/stride)")
     if hp.ttt_enabled and hp.ttt_mode == "lora_phased":
         advice += [f"a larger TTT_CHUNK_SIZE (now {hp.ttt_chunk_size}; fewer adapter steps)",
                    f"fewer PHASED_TTT_NUM_PHASES (now {hp.phased_ttt_num_phases})"]
@@ -3587,10 +3592,10 @@ def train_and_quantize(hp, ctx, train_files, val_tokens, tables, script, artifac
         torch.save(model.state_dict(), buf)
         atomic_write_bytes(os.path.join(hp.artifact_dir, "final_model.pt"), buf.getvalue())
         ctx.log(f"Serialized model: {buf.tell()} bytes")
+    model.looping = hp.num_loops > 0  # as every later evaluation runs, even if training stopped before the switch
     pre = eval_val(model, val_tokens, tables, hp, ctx, label="pre-quantization post-ema", counted=False)
     summary["evals"][pre.label] = dict(val_loss=pre.val_loss, val_bpb=pre.val_bpb, eval_time_s=pre.seconds)
     ctx.log("GPTQ:collecting Hessians from calibration data...")
-    model.looping = hp.num_loops > 0
     calib_t0 = time.perf_counter()
     hessians, _ = collect_hessians(model, calibration_batches(hp, ctx, train_files,
                                                               calibration_batches_per_rank(hp, ctx), trainer.micro_seqs))
@@ -3659,7 +3664,7 @@ def main() -> None:
         ctx.log(f"EVAL_ONLY=1: evaluating {artifact_path} without training")
     else:
         train_and_quantize(hp, ctx, train_files, val_tokens, tables, script, artifact_path, summary)
-    total, lines, fits = size_report(artifact_path, script, hp.compressor)
+    total, lines, fits = size_report(artifact_path, script, hp.compressor, hp.size_target_bytes > 0)
     for line in lines:
         ctx.log(line)
     summary.update(artifact_bytes=os.path.getsize(artifact_path), code_bytes=total - os.path.getsize(artifact_path),

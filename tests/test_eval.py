@@ -138,6 +138,20 @@ def test_warmup_projection_and_log_lines(smoke_data):
     assert "ERROR" not in text
 
 
+def test_over_budget_advice_names_only_settings_that_apply():
+    """With sliding off and LoRA TTT nothing reads EVAL_STRIDE, so the warning does not suggest it."""
+    def warning(**overrides):
+        ctx = make_ctx()
+        tg._warn_over_budget("eval_projection", 700.0, 100.0, 500.0, smoke_hp(eval_budget_seconds=600.0, **overrides),
+                             ctx)
+        return "\n".join(ctx.log)
+
+    assert "EVAL_STRIDE" in warning(sliding_window_enabled=1, ttt_mode="lora_phased")
+    assert "EVAL_STRIDE" in warning(sliding_window_enabled=0, ttt_mode="score_first")  # its chunks slide too
+    lora = warning(sliding_window_enabled=0, ttt_mode="lora_phased")
+    assert "exceeds EVAL_BUDGET_SECONDS=600s" in lora and "TTT_CHUNK_SIZE" in lora and "EVAL_STRIDE" not in lora
+
+
 def test_unlabelled_eval_is_silent_and_off_the_ledger(smoke_data):
     hp = smoke_hp()
     tokens, tables = smoke_stream(smoke_data, hp, n_targets=1000)

@@ -312,12 +312,15 @@ def write_script(tmp_path):
 def test_size_report_counts_the_real_files(tmp_path, monkeypatch):
     artifact, script = tmp_path / "m.ptz", write_script(tmp_path)
     tg.atomic_write_bytes(artifact, tg.pack_artifact(sample_tensors(), {}, "brotli"))
-    total, lines, fits = tg.size_report(str(artifact), str(script), "brotli")
+    total, lines, fits = tg.size_report(str(artifact), str(script), "brotli", autopilot=False)
     assert total == os.path.getsize(artifact) + os.path.getsize(script) and fits
     assert f"Total submission size quantized+brotli: {total} bytes" in lines
     monkeypatch.setattr(tg, "SIZE_CAP_BYTES", total - 1)
-    total2, lines, fits = tg.size_report(str(artifact), str(script), "brotli")
-    assert total2 == total and not fits and "SIZE CAP EXCEEDED" in lines[-1]
+    total2, lines, fits = tg.size_report(str(artifact), str(script), "brotli", autopilot=False)
+    assert total2 == total and not fits and "SIZE CAP EXCEEDED" in lines[-1] and "SIZE_TARGET_BYTES=" in lines[-1]
+    # with the size search on, SIZE_TARGET_BYTES cannot help: the advice is about bits and model size
+    lines = tg.size_report(str(artifact), str(script), "brotli", autopilot=True)[1]
+    assert "MATRIX_BITS" in lines[-1] and "SIZE_TARGET_BYTES" not in lines[-1]
 
 
 @pytest.fixture(scope="module")
