@@ -518,13 +518,13 @@ class ShuffledSequenceLoader:
         self.seq_len, self.device = seq_len, device
         self.rng = np.random.Generator(np.random.PCG64([seed, rank]))
         self.tokens = [read_shard(f) for f in self.files]
-        if all(len(t) <= seq_len + 1 for t in self.tokens):
+        if all(len(t) < seq_len + 1 for t in self.tokens):
             raise SystemExit(f"data error: training shards {self.files} hold no window of TRAIN_SEQ_LEN+1={seq_len + 1} tokens")
         self.starts = [self._new_starts(t) for t in self.tokens]
 
     def _new_starts(self, tokens) -> list[int]:
         n, T = len(tokens), self.seq_len
-        if n <= T + 1:
+        if n < T + 1:
             return []
         phase = int(self.rng.integers(0, min(T - 1, n - T - 1) + 1))
         starts = phase + T * np.arange((n - 1 - phase) // T)
@@ -1286,9 +1286,9 @@ def leaky_relu_sq_mlp(u: Tensor, w_fc: Tensor, w_proj: Tensor) -> Tensor:
 
 # Compilation units. GPT.forward is made of these module-level functions, called through a Regions object: eagerly
 # (EAGER_REGIONS: COMPILE=0, GPTQ calibration hooks, and inside the whole-model compile of COMPILE_SCOPE=model) or each
-# compiled once for the process (COMPILE_SCOPE=blocks). Compiled, every Block runs one of two graphs (sequential or
-# parallel residual; see Block's buffers), whatever the layer and whatever the schedule, so switching the depth loop
-# on compiles nothing. The embedding (a gather and a norm) stays eager: nothing to fuse. The skip mix and the
+# compiled once for the process (COMPILE_SCOPE=blocks). Compiled, a Block runs the graph of its structure (sequential
+# or parallel residual, with or without XSA: two structures in the default model, where both kinds of block have XSA;
+# see Block's buffers), whatever the layer and whatever the schedule, so switching the depth loop on compiles nothing. The embedding (a gather and a norm) stays eager: nothing to fuse. The skip mix and the
 # head + softcap + CE are compiled: eager they would materialize several full-size activations or fp32 logits.
 
 COMPILE_BACKEND = "inductor"  # training compiles; tests put "aot_eager" or a counting backend here
@@ -1332,8 +1332,8 @@ class Regions:
 EAGER_REGIONS = Regions()
 _COMPILED_REGIONS: dict = {}
 
-# Graphs of run_block in a full run: 2 variants x 3 static shapes (training, no-grad eval, TTT batch) = 6, plus the
-# LoRA TTT's 3 dynamic ones (one code object, one cache), past dynamo's default limit of 8 per function, where it
+# Graphs of run_block in a full run: 2 block structures x 3 static shapes (training, no-grad eval, TTT batch) = 6 by
+# default (up to 4 structures with XSA on some layers only), plus the LoRA TTT's 3 dynamic ones (one code object, one cache), past dynamo's default limit of 8 per function, where it
 # stops compiling the function; so the limit is raised, with room.
 REGION_RECOMPILE_LIMIT = 64
 
@@ -1419,7 +1419,8 @@ CONTROL_PARAM_NAMES = ("q_gain", "attn_scale", "mlp_scale", "resid_mix", "skip_w
 
 
 def build_model(hp: Hyperparameters, device) -> GPT:
-    """bf16 embedding; fp32 linear weights and control tensors (they are small and sensitive)."""
+    """bf16 embedding on CUDA (fp32 on CPU); fp32 linear weights and control tensors (they are small and
+    sensitive)."""
     model = GPT(hp).to(device)
     model.tok_emb.weight.data = model.tok_emb.weight.data.to(torch.bfloat16 if device.type == "cuda" else torch.float32)
     return model
@@ -1730,7 +1731,7 @@ STEP_TIME_MARGIN = 1.25
 
 
 def train(hp: Hyperparameters, ctx: RunContext, trainer: Trainer, budget_ms: float, validate) -> dict:
-    """Wallclock-driven training loop. `validate(step)` runs a periodic validation (its time is not counted).
+    """Wallclock-driven training loop. `validate(step, train_ms)` runs a periodic validation (its time is not counted).
 
     Stops before the step that would cross the budget (predicted from the step times, with STEP_TIME_MARGIN), so the
     counted training time stays within it unless a step runs that much slower than predicted. Returns the step

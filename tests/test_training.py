@@ -72,6 +72,18 @@ def test_steps_read_the_micro_batches_in_loader_order(smoke_data, tmp_path):
     assert all(torch.equal(x, fresh.next_batch(trainer.micro_seqs)[0]) for x in seen)
 
 
+def test_a_shard_of_exactly_one_window_is_used(tmp_path):
+    """A shard of TRAIN_SEQ_LEN + 1 tokens holds one window (x = its first T tokens, y = its last T); one token fewer
+    holds none."""
+    tg.write_shard(tmp_path / "fineweb_train_000000.bin", np.arange(9, dtype=np.uint16))
+    x, y = tg.ShuffledSequenceLoader([str(tmp_path / "fineweb_train_000000.bin")], 8, 0, 0, 1,
+                                     torch.device("cpu")).next_batch(2)
+    assert x.tolist() == [list(range(8))] * 2 and y.tolist() == [list(range(1, 9))] * 2  # the epoch restarts
+    tg.write_shard(tmp_path / "fineweb_train_000000.bin", np.arange(8, dtype=np.uint16))
+    with pytest.raises(SystemExit, match="hold no window"):
+        tg.ShuffledSequenceLoader([str(tmp_path / "fineweb_train_000000.bin")], 8, 0, 0, 1, torch.device("cpu"))
+
+
 def test_data_order_depends_on_seed_and_rank(smoke_data):
     files = tg.find_shards(os.path.join(smoke_data[0], "fineweb_train_*.bin"), "training", 512)
     first = lambda seed, rank: tg.ShuffledSequenceLoader(files, 64, seed, rank, 2, torch.device("cpu")).next_batch(4)[0]
