@@ -3527,24 +3527,29 @@ def load_quantized_model(hp: Hyperparameters, ctx: RunContext, path: str) -> GPT
 def evaluate_artifact(hp: Hyperparameters, ctx: RunContext, path: str, val_tokens, tables, summary: dict) -> None:
     """Quantized, sliding-window and TTT (TTT_MODE: score-first or phased LoRA) evaluations of the artifact, TTT on
     a fresh copy."""
+    results = []
+
+    def record(r: EvalResult) -> None:  # into summary.json at once: a later evaluation that fails loses nothing
+        results.append(r)
+        summary["evals"][r.label] = dict(val_loss=r.val_loss, val_bpb=r.val_bpb, eval_time_s=r.seconds,
+                                         val_tokens=r.tokens, val_bytes=r.bytes, expected_tokens=r.expected_tokens,
+                                         covered=r.covered)
+        write_summary(hp, ctx, summary)
+
     model = load_quantized_model(hp, ctx, path)
     timings = eval_warmup(model, hp, ctx)
-    results = [eval_val(model, val_tokens, tables, hp, ctx, label="quantized")]
+    record(eval_val(model, val_tokens, tables, hp, ctx, label="quantized"))
     log_eval_projection(val_tokens.numel() - 1, timings, hp, ctx, val_tokens)
     if hp.sliding_window_enabled:
-        results.append(eval_val_sliding(model, val_tokens, tables, hp, ctx, label="quantized_sliding_window"))
+        record(eval_val_sliding(model, val_tokens, tables, hp, ctx, label="quantized_sliding_window"))
     if hp.ttt_enabled:
         del model
         model = load_quantized_model(hp, ctx, path)
         if hp.ttt_mode == "lora_phased":
-            results.append(eval_val_lora_ttt(model, val_tokens, tables, hp, ctx, label="quantized_ttt_phased"))
+            record(eval_val_lora_ttt(model, val_tokens, tables, hp, ctx, label="quantized_ttt_phased"))
         else:
-            results.append(eval_val_ttt(model, val_tokens, tables, hp, ctx, label="quantized_ttt"))
+            record(eval_val_ttt(model, val_tokens, tables, hp, ctx, label="quantized_ttt"))
     summary["eval_time_s"] = log_eval_summary(results, hp, ctx, timings)
-    for r in results:
-        summary["evals"][r.label] = dict(val_loss=r.val_loss, val_bpb=r.val_bpb, eval_time_s=r.seconds,
-                                         val_tokens=r.tokens, val_bytes=r.bytes, expected_tokens=r.expected_tokens,
-                                         covered=r.covered)
     final = results[-1]
     summary.update(final_label=final.label, val_loss=final.val_loss, val_bpb=final.val_bpb,
                    ttt=dict(mode=hp.ttt_mode if hp.ttt_enabled else "off", score_before_update=True))

@@ -4,6 +4,7 @@ depend on its own later tokens, and other documents reach it only through docume
 CPU, a small looped GPT."""
 import copy
 import dataclasses
+import json
 import math
 import os
 import re
@@ -315,6 +316,22 @@ def test_artifact_evaluation_runs_lora_phased_with_its_lines(stream, monkeypatch
     assert re.search(r"^eval_summary: quantized:[\d.]+s quantized_ttt_phased:[\d.]+s total_eval_time:", text, re.M)
     assert summary["final_label"] == "quantized_ttt_phased" and summary["ttt"]["mode"] == "lora_phased"
     assert summary["evals"]["quantized_ttt_phased"]["covered"] and "ERROR" not in text
+
+
+def test_a_failing_ttt_keeps_the_earlier_scores_in_summary_json(stream, monkeypatch, tmp_path):
+    hp = lora_hp(eval_budget_seconds=0.001, artifact_dir=str(tmp_path))
+    tokens, tables = stream
+    monkeypatch.setattr(tg, "load_quantized_model", lambda hp, ctx, path: make_model(hp))
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(tg, "eval_val_lora_ttt", out_of_memory)
+    with pytest.raises(RuntimeError, match="simulated"):
+        tg.evaluate_artifact(hp, make_ctx(), "unused.ptz", tokens, tables, {"evals": {}})
+    written = json.loads((tmp_path / "summary.json").read_text())
+    assert set(written["evals"]) == {"quantized", "quantized_sliding_window"}
+    assert all(e["covered"] for e in written["evals"].values()) and "val_bpb" not in written  # no final score
 
 
 # Graphs with dynamic shapes, per-block whatever COMPILE_SCOPE says: the first block (its input needs no grad),
