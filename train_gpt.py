@@ -243,6 +243,9 @@ def validate_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
         errors.append(f"COMPRESSOR={hp.compressor!r}: use brotli or lzma")
     if not 2 <= hp.matrix_bits <= 8 or not 2 <= hp.embed_bits <= 8:
         errors.append("MATRIX_BITS and EMBED_BITS must be between 2 and 8")
+    if hp.eval_seq_len > hp.train_seq_len:
+        errors.append(f"EVAL_SEQ_LEN={hp.eval_seq_len} must be at most TRAIN_SEQ_LEN={hp.train_seq_len}: RoPE is not "
+                      "rescaled for positions the model never trained on")
     if hp.eval_stride <= 0 or hp.eval_stride > hp.eval_seq_len:
         errors.append(f"EVAL_STRIDE={hp.eval_stride} must be in 1..EVAL_SEQ_LEN={hp.eval_seq_len}")
     if hp.ttt_mode not in ("score_first", "lora_phased"):
@@ -1406,9 +1409,6 @@ class GPT(nn.Module):
 
     def logits(self, h: Tensor, lora=None) -> Tensor:
         return self.softcap * torch.tanh(self.pre_softcap_logits(h, lora).float() / self.softcap)
-
-    def forward_logits(self, ids: Tensor, isolate_docs: bool = False) -> Tensor:
-        return self.logits(self.hidden(ids, isolate_docs=isolate_docs))
 
     def forward(self, ids: Tensor, targets: Tensor, isolate_docs: bool = False,
                 regions: Regions = EAGER_REGIONS) -> Tensor:

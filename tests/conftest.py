@@ -10,6 +10,11 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
 
 
+def forward_logits(model, ids, isolate_docs: bool = False):
+    """Softcapped logits of a whole forward: the reference path the tests compare against."""
+    return model.logits(model.hidden(ids, isolate_docs=isolate_docs))
+
+
 @pytest.fixture(scope="session")
 def smoke_data(tmp_path_factory):
     """(data_path, tokenizer_path) of the synthetic smoke dataset, made once per test session."""

@@ -1,9 +1,8 @@
 """Sparse attention head-output gate (SPARSE_ATTN_GATE_ENABLED): formula, init, optimizer group, quantization."""
-import pytest
 import torch
-from torch import nn
 
 import train_gpt as tg
+from conftest import forward_logits
 
 
 def smoke_hp(**env):
@@ -33,7 +32,7 @@ def test_gate_at_init_halves_every_head_output():
             b.attn.proj.weight.mul_(0.5)  # exact in floating point, as is y * 0.5
         ids = torch.randint(0, 512, (2, 48))
         gated.looping = plain.looping = True
-        assert torch.equal(gated.forward_logits(ids), plain.forward_logits(ids))
+        assert torch.equal(forward_logits(gated, ids), forward_logits(plain, ids))
 
 
 def test_gate_formula_per_token_and_head():

@@ -11,6 +11,7 @@ import torch.nn.attention.varlen as varlen_module
 from torch._dynamo.testing import CompileCounter
 
 import train_gpt as tg
+from conftest import forward_logits
 
 BACKENDS = ["sdpa_mask", "flex", "varlen"]
 
@@ -80,11 +81,11 @@ def test_tokens_see_only_their_own_document(backend):
     other = replace_other_documents(ids, keep, hp.vocab_size)
     assert (other != ids).sum() > 100
     with torch.no_grad():
-        a, b = model.forward_logits(ids, isolate_docs=True), model.forward_logits(other, isolate_docs=True)
+        a, b = forward_logits(model, ids, isolate_docs=True), forward_logits(model, other, isolate_docs=True)
         for row, (lo, hi) in keep.items():
             torch.testing.assert_close(a[row, lo:hi], b[row, lo:hi], rtol=1e-5, atol=1e-5)
         # the test is sensitive: dense attention reads the other documents
-        dense_a, dense_b = model.forward_logits(ids), model.forward_logits(other)
+        dense_a, dense_b = forward_logits(model, ids), forward_logits(model, other)
     assert not torch.allclose(dense_a[0, 50:80], dense_b[0, 50:80], atol=1e-3)
     assert not torch.allclose(dense_a[1, 64:], dense_b[1, 64:], atol=1e-3)
 
@@ -96,11 +97,11 @@ def test_rows_without_bos_match_dense_causal_and_backends_agree(backend):
     plain = torch.randint(2, hp.vocab_size, (2, 64), generator=g)
     docs = rows_with_documents(hp.vocab_size)
     with torch.no_grad():
-        torch.testing.assert_close(model.forward_logits(plain, isolate_docs=True), model.forward_logits(plain),
+        torch.testing.assert_close(forward_logits(model, plain, isolate_docs=True), forward_logits(model, plain),
                                    rtol=1e-5, atol=1e-5)
-        isolated = model.forward_logits(docs, isolate_docs=True)
+        isolated = forward_logits(model, docs, isolate_docs=True)
         tg.configure_attention("sdpa_math", "sdpa_mask")
-        torch.testing.assert_close(isolated, model.forward_logits(docs, isolate_docs=True), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(isolated, forward_logits(model, docs, isolate_docs=True), rtol=1e-5, atol=1e-5)
 
 
 def test_document_ids_and_mask():
@@ -134,12 +135,12 @@ def test_isolated_forward_compiles_to_one_graph(backend):
     ids = rows_with_documents(hp.vocab_size)
     counter = CompileCounter()
     torch._dynamo.reset()
-    compiled = torch.compile(lambda x: model.forward_logits(x, isolate_docs=True), fullgraph=True, dynamic=False,
+    compiled = torch.compile(lambda x: forward_logits(model, x, isolate_docs=True), fullgraph=True, dynamic=False,
                              backend=counter)
     with torch.no_grad():
         out = compiled(ids)
         again = compiled(replace_other_documents(ids, {}, hp.vocab_size))
-        eager = model.forward_logits(ids, isolate_docs=True)
+        eager = forward_logits(model, ids, isolate_docs=True)
     assert counter.frame_count == 1  # a new document layout is not a new graph
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
     assert again.shape == out.shape

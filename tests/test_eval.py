@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from eval_helpers import make_ctx, make_model, smoke_hp, smoke_stream, stream_bytes, tg
+from conftest import forward_logits
 
 
 def test_sliding_at_full_stride_equals_plain(smoke_data):
@@ -170,8 +171,8 @@ def test_evaluation_attends_across_documents(smoke_data):
     model = make_model(hp)
     plain = tg.eval_val(model, tokens, tables, hp, make_ctx(), return_losses=True)
     with torch.no_grad():
-        logits = model.forward_logits(tokens[:T][None])[0]
+        logits = forward_logits(model, tokens[:T][None])[0]
         dense = torch.nn.functional.cross_entropy(logits.float(), tokens[1:T + 1], reduction="none")
-        isolated = model.forward_logits(tokens[:T][None], isolate_docs=True)[0]
+        isolated = forward_logits(model, tokens[:T][None], isolate_docs=True)[0]
     torch.testing.assert_close(plain.target_losses.float(), dense, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(logits, isolated, atol=1e-4)  # the check is sensitive to isolation

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch._dynamo.testing import CompileCounter
 
 from eval_helpers import gloo_group, lora_hp, make_ctx, make_model, smoke_stream, stream_bytes, tg
+from conftest import forward_logits
 
 N_TARGETS = 1500  # 15 smoke documents: batches of 3, 4, 4, 4 (longest first), phases after the 2nd and 3rd
 
@@ -90,7 +91,7 @@ def per_document_reference(model, tokens, hp):
             for lo in range(0, e - s, C):
                 end = min(lo + C, e - s)
                 ws = max(0, end - T)
-                logits = model.forward_logits(tokens[s + ws:s + end][None])[0]
+                logits = forward_logits(model, tokens[s + ws:s + end][None])[0]
                 ce = F.cross_entropy(logits.float(), tokens[s + ws + 1:s + end + 1], reduction="none")
                 out[s + lo:s + end] = ce[lo - ws:].double()
     return out

@@ -115,6 +115,7 @@ def test_dry_run_prints_config_and_parameter_count():
     ({"NUM_KV_HEADS": "0"}, "NUM_KV_HEADS=0 must be at least 1"),
     ({"TRAIN_BATCH_TOKENS": "0"}, "TRAIN_BATCH_TOKENS=0 must be at least 1"),
     ({"SEED": "1.9"}, "SEED='1.9' is not a valid int"),
+    ({"EVAL_SEQ_LEN": "4096"}, "EVAL_SEQ_LEN=4096 must be at most TRAIN_SEQ_LEN=2048"),
     ({"GPTQ_RESERVE_SECONDS": "600"}, "GPTQ_RESERVE_SECONDS=600.0 leaves no training time"),
 ])
 def test_invalid_configuration_fails_with_what_to_set(env, message):
