@@ -1062,10 +1062,12 @@ try:  # optional: where Triton is missing (CPU machines, CI) the training loss t
     import triton.language as tl
 except ImportError:
     triton = None
-try:  # host-side TMA descriptors (Triton >= 3.4) for the fused MLP's GEMMs; without them the MLP takes the module path
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:
-    TensorDescriptor = None
+TensorDescriptor = None  # host-side TMA descriptors (Triton >= 3.4) for the fused MLP; without them: the module path
+if triton is not None:
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:
+        pass
 
 # Vocabulary columns per step of a row's loop and warps per row. H100, [98304, 8192] bf16 (bench/fused_ce.py sweep):
 # 2048/4 takes 1.039 ms forward and 2.203 forward+backward, #1787's 1024/4 1.123 and 2.260.
