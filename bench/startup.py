@@ -1,20 +1,25 @@
-"""What the attention probe of train_gpt.py's start-up costs, piece by piece, in a fresh process (GPU).
+"""What train_gpt.py's start-up costs outside the compile warm-up, piece by piece, in a fresh process (GPU): the
+attention probe and the first calls of the fused Triton kernels.
 
     python3 bench/startup.py [--out DIR]
 
 Times, in order and each once (first calls are the point): CUDA context creation, then for each SDPA backend its
 first forward + backward at the probe's shape (16 rows) and the median of 10 more, then cuDNN's first call at the
 training shape (48 rows), the FlexAttention import, and train_gpt.configure_attention() as start-up runs it (after
-all of the above, so its cost here is what is left once libraries and kernels are loaded). Prints a table and
-writes <out>/startup.json.
+all of the above, so its cost here is what is left once libraries and kernels are loaded), then the first and second
+forward + backward of the fused CE and the fused MLP (the first compiles their Triton kernels: the cache is a fresh
+directory unless TRITON_CACHE_DIR is set). Prints a table and writes <out>/startup.json.
 """
 import argparse
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+# A cold Triton cache, as on a fresh pod, so that the fused kernels' first calls include their compilation
+os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="startup_triton_"))
 T0 = time.perf_counter()
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -39,6 +44,19 @@ def attention_call(rows: int):
     k = torch.randn(rows, 4, 2048, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     v = torch.randn_like(k, requires_grad=True)
     return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).sum().backward()
+
+
+def fused_kernel_calls(tg) -> dict:
+    """Forward + backward of train_gpt.py's fused CE and fused MLP, with the training widths and row counts of the same
+    divisibility (what Triton specializes on), so they compile the kernels a training run compiles."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    z = torch.randn(2048, 8192, device="cuda", generator=g).bfloat16().requires_grad_()
+    targets = torch.randint(0, 8192, (2048,), device="cuda", generator=g)
+    u = torch.randn(2048, 512, device="cuda", generator=g).bfloat16().requires_grad_()
+    w_fc = (torch.randn(2048, 512, device="cuda", generator=g) / 23).bfloat16().requires_grad_()
+    w_proj = (torch.randn(512, 2048, device="cuda", generator=g) / 45).bfloat16().requires_grad_()
+    return {"fused_ce": lambda: tg.softcap_cross_entropy(z, targets, 30.0).mean().backward(),
+            "fused_mlp": lambda: tg.leaky_relu_sq_mlp(u, w_fc, w_proj).square().mean().backward()}
 
 
 def main():
@@ -71,6 +89,9 @@ def main():
     t0 = time.perf_counter()
     rows["configure_attention"] = tg.configure_attention()
     rows["configure_attention_s"] = time.perf_counter() - t0
+    for name, call in fused_kernel_calls(tg).items():  # Triton compiles each kernel on its first call
+        rows[f"{name}_first_call_s"] = timed(call)
+        rows[f"{name}_second_call_s"] = timed(call)
     write_result(args.out, "startup.json", dict(device=torch.cuda.get_device_name(), torch=torch.__version__, **rows))
     for key, value in rows.items():
         print(f"{key:<32}{value:.3f}" if isinstance(value, float) else f"{key:<32}{value}")
