@@ -1,5 +1,5 @@
-"""What train_gpt.py's start-up costs outside the compile warm-up, piece by piece, in a fresh process (GPU): the
-attention probe and the first calls of the fused Triton kernels.
+"""What pieces of train_gpt.py's start-up cost, in a fresh process (GPU): the attention probe, and the first calls of
+the fused Triton kernels (training pays those inside its compile warm-up).
 
     python3 bench/startup.py [--out DIR]
 
