@@ -613,15 +613,40 @@ def make_smoke_data(root: str, vocab_size: int, seed: int = 0) -> tuple[str, str
 WRAPPER_PREFIX = "import lzma as L,base64 as B,linecache as C\n"
 
 
+class _PortableFStrings(ast.NodeTransformer):
+    """f-strings with quotes inside their replacement fields (f"{d['k']}") become "".join([...]) of format() calls:
+    Python >= 3.12 unparses them reusing the outer quote, which Python 3.10 and 3.11 cannot parse."""
+
+    def visit_JoinedStr(self, node):
+        if not any(isinstance(n, ast.JoinedStr) or isinstance(n, ast.Constant) and isinstance(n.value, str)
+                   for v in node.values if isinstance(v, ast.FormattedValue) for n in ast.walk(v.value)):
+            return self.generic_visit(node)  # its nested format specs are checked with it: they are its values
+        return self.generic_visit(self._as_join(node))
+
+    @classmethod
+    def _as_join(cls, node: ast.JoinedStr) -> ast.expr:
+        parts = []
+        for v in node.values:
+            if isinstance(v, ast.FormattedValue):  # f"{x!r:>5}" == format(repr(x), ">5")
+                value = v.value
+                if v.conversion != -1:
+                    value = ast.Call(ast.Name({115: "str", 114: "repr", 97: "ascii"}[v.conversion]), [value], [])
+                spec = cls._as_join(v.format_spec) if v.format_spec else ast.Constant("")
+                v = ast.Call(ast.Name("format"), [value, spec], [])
+            parts.append(v)
+        return ast.Call(ast.Attribute(ast.Constant(""), "join"), [ast.List(parts)], [])
+
+
 def minify_source(src: str) -> str:
-    """Drop comments, docstrings and formatting by a round trip through the AST (no third-party minifier)."""
+    """Drop comments, docstrings and formatting by a round trip through the AST (no third-party minifier). The output
+    parses on Python 3.10 whichever Python makes it (_PortableFStrings)."""
     tree = ast.parse(src)
     for node in ast.walk(tree):
         body = getattr(node, "body", None)
         if isinstance(body, list) and body and isinstance(body[0], ast.Expr) \
                 and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
             node.body = body[1:] or [ast.Pass()]
-    return ast.unparse(tree) + "\n"
+    return ast.unparse(ast.fix_missing_locations(_PortableFStrings().visit(tree))) + "\n"
 
 
 def wrap_source(src: str) -> str:

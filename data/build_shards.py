@@ -34,6 +34,7 @@ import lzma
 import math
 import multiprocessing
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -51,6 +52,7 @@ DATA_DIR = Path(__file__).resolve().parent
 BOS_ID, EOS_ID = 1, 2  # the challenge recipe's control ids (train_gpt.train_sentencepiece)
 BUILD_FORMAT = 1  # bump whenever the same request would produce different files
 STAMP_NAME = ".build_shards.json"
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads joins valid pairs, so any left in a str is lone
 SHARD_PATTERNS = ("fineweb_val_*.bin", "fineweb_train_*.bin")
 BATCH_CHARS = 1 << 20  # about 1 MB of text per encoding task
 MANIFEST_VERSION = "10B"  # the tag the challenge's manifests carry; kept so readers of that format accept ours
@@ -108,7 +110,9 @@ class DocReader:
                 if not isinstance(text, str):
                     raise SystemExit(f'input error: {self.path}:{lineno}: no string "text" field')
                 n += 1
-                yield text
+                # JSON may escape lone surrogates (\ud83d), which SentencePiece cannot take: U+FFFD, as a UTF-8
+                # decoder makes of broken bytes
+                yield LONE_SURROGATE.sub("\ufffd", text)
 
 
 def batches(docs, max_chars: int | None = None):
@@ -341,8 +345,8 @@ def clear_previous_build(dataset_dir: Path, stamp: dict | None, overwrite: bool)
     foreign = sorted(present - owned)
     if foreign and not overwrite:
         raise SystemExit(f"output error: {dataset_dir} holds {len(foreign)} shard file(s) this script did not write "
-                         f"(downloaded ones?), e.g. {foreign[0]}. Choose another --out, or pass --overwrite to "
-                         "delete them and build there.")
+                         f"(downloaded ones, or those of an interrupted build), e.g. {foreign[0]}. Choose another "
+                         "--out, or pass --overwrite to delete them and build there.")
     (dataset_dir / STAMP_NAME).unlink(missing_ok=True)  # an interrupted build must not look complete
     for name in present:
         (dataset_dir / name).unlink()

@@ -37,6 +37,7 @@ import train_gpt  # noqa: E402
 DATA_DIR = Path(__file__).resolve().parent
 DEFAULT_REPO_ID = "willdepueoai/parameter-golf"
 SP8192_REPO_ID = "kevclark/parameter-golf"
+BUILD_STAMP_NAME = ".build_shards.json"  # build_shards.STAMP_NAME: what data/build_shards.py leaves in its dataset dir
 DEFAULT_REMOTE_ROOT = "datasets"
 MANIFEST_NAME = "manifest.json"
 MANIFEST_SOURCE_NAME = "manifest.source.json"  # which repo the local manifest.json came from
@@ -216,8 +217,10 @@ def plan(manifest: dict, variant: str, train_shards: int, with_docs: bool, hub: 
     if entry is None:
         available = ", ".join(str(d.get("name")) for d in datasets) or "none"
         msg = f"{name} is not in the manifest of {hub.repo_id} (it lists: {available})."
-        if variant != "sp1024" and hub.repo_id != SP8192_REPO_ID:
+        if variant == "sp8192" and hub.repo_id != SP8192_REPO_ID:
             msg += f" The sp8192 data is published at {SP8192_REPO_ID}: set MATCHED_FINEWEB_REPO_ID={SP8192_REPO_ID}."
+        elif variant == "sp1024" and hub.repo_id != DEFAULT_REPO_ID:
+            msg += f" The sp1024 data is published at {DEFAULT_REPO_ID}: unset MATCHED_FINEWEB_REPO_ID."
         if skip_manifest:
             origin = ("was written by data/build_shards.py" if manifest.get("builder") else "may be stale, from another repo")
             msg += f" {manifest_path} {origin}: delete it and run without --skip-manifest."
@@ -275,6 +278,11 @@ def main(argv=None) -> None:
     hub = Hub(Path(args.local_dir))
     manifest = load_manifest(hub, args.skip_manifest)
     files, shards, entry = plan(manifest, args.variant, args.train_shards, args.with_docs, hub, args.skip_manifest)
+    dataset_dir = hub.local_dir / safe_relative(entry.get("path") or "datasets/" + entry["name"])
+    if (dataset_dir / BUILD_STAMP_NAME).exists():  # its shards have valid headers, so they would pass as published ones
+        raise DownloadError(f"{dataset_dir} holds shards built by data/build_shards.py ({BUILD_STAMP_NAME}); the "
+                            f"published {entry['name']} would be mixed with them. Build into another --out, or move "
+                            "that folder away, then download.")
     todo = [rel for rel in files if not is_valid(hub.local_dir / rel)]
     print(f"{hub.repo_id}: {entry['name']}: {len(files)} files ({len(shards)} shards); "
           f"{len(files) - len(todo)} already here and valid, {len(todo)} to fetch", flush=True)
@@ -305,7 +313,7 @@ def main(argv=None) -> None:
         print(f"warning: the val shards hold {tokens['val']:,} tokens but the manifest says {int(expected_val):,}",
               file=sys.stderr)
     print(f"ok: {len(shards)} shards verified ({tokens['val']:,} val tokens, {tokens['train']:,} train tokens) in "
-          f"{hub.local_dir / safe_relative(entry.get('path') or 'datasets/' + entry['name'])}", flush=True)
+          f"{dataset_dir}", flush=True)
 
 
 if __name__ == "__main__":

@@ -299,6 +299,16 @@ def test_refusals_with_clear_messages(hub, tmp_path, download):
     assert r.returncode != 0 and "stale" in r.stderr and "Delete it" in r.stderr
 
 
+def test_refuses_a_folder_of_locally_built_shards(hub, tmp_path, download):
+    """Shards that data/build_shards.py wrote have valid headers: without this check they would pass as published
+    ones and be mixed into the download."""
+    local_shard(tmp_path, "train", 0).parent.mkdir(parents=True)
+    (local_shard(tmp_path, "train", 0).parent / ".build_shards.json").write_text("{}")
+    r = download("--train-shards", "1")
+    assert r.returncode != 0 and "built by data/build_shards.py" in r.stderr and "another --out" in r.stderr
+    assert hub.gets(".bin") == []
+
+
 def test_endpoint_that_is_not_a_hub(hub, tmp_path, download):
     class Plain(http.server.BaseHTTPRequestHandler):
         def log_message(self, *args):
