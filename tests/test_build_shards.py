@@ -230,6 +230,17 @@ def test_bad_input_line_is_reported(tmp_path, trained):
         build(bad, tmp_path / "out", "--num-val-docs", "0", tokenizer=model)
 
 
+def test_lone_surrogate_in_input_becomes_a_replacement_character(tmp_path, trained):
+    """Valid JSON may escape half a surrogate pair; SentencePiece cannot encode it, so it is tokenized as U+FFFD."""
+    model = trained / "tokenizers" / f"fineweb_{VOCAB}_bpe.model"
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text('{"text": "broken \\ud83d emoji"}\n{"text": "broken \\ufffd emoji"}\n')
+    build(docs, tmp_path / "out", "--num-val-docs", "0", tokenizer=model)
+    tokens = train_gpt.read_shard(shard_files(tmp_path / "out")[0])
+    first, second = np.split(tokens, np.flatnonzero(tokens == 1)[1:])
+    assert first.tolist() == second.tolist()
+
+
 @pytest.mark.skipif(not (SHARED / "fineweb_val_prefix" / "docs.jsonl").is_file(), reason="needs ../shared/data")
 def test_reproduces_the_published_sp8192_validation_tokens(tmp_path):
     """The 901 validation docs with the republished sp8192 model give the shared val shard byte for byte."""
