@@ -29,7 +29,12 @@ die() { printf '[run.sh] PREFLIGHT FAILED: %s\n' "$*" >&2; exit 2; }
 
 IFS=',' read -r -a seed_list <<< "${SEEDS// /}"
 [ "${#seed_list[@]}" -gt 0 ] || die "SEEDS is empty"
-for s in "${seed_list[@]}"; do [[ "$s" =~ ^[0-9]+$ ]] || die "SEEDS must be comma-separated integers, got '$SEEDS'"; done
+declare -A listed=()
+for s in "${seed_list[@]}"; do
+  [[ "$s" =~ ^[0-9]+$ ]] || die "SEEDS must be comma-separated integers, got '$SEEDS'"
+  [ -z "${listed[$s]:-}" ] || die "seed $s is listed twice in SEEDS=$SEEDS (a repeated seed is no new evidence)"
+  listed[$s]=1
+done
 [[ "$NAME" =~ ^[A-Za-z0-9_.-]+$ ]] || die "NAME may hold only letters, digits, '_', '.' and '-', got '$NAME'"
 [[ "$SEED_TIMEOUT" =~ ^[0-9]+$ ]] || die "SEED_TIMEOUT must be a whole number of seconds, got '$SEED_TIMEOUT'"
 [ -f "$TRAIN_SCRIPT" ] || die "$TRAIN_SCRIPT not found in $(pwd)"
@@ -37,16 +42,18 @@ command -v "$PYTHON" >/dev/null || die "$PYTHON not found (set PYTHON=...)"
 command -v timeout >/dev/null || die "the 'timeout' command (coreutils) is missing"
 
 # --- preflight 1: python packages, GPUs -------------------------------------------------------------------------
-ngpu=$("$PYTHON" - <<'EOF'
-import importlib, sys
+ngpu=$(ASSEMBLE="${ASSEMBLE:-1}" "$PYTHON" - <<'EOF'
+import importlib, os, sys
+assemble = os.environ["ASSEMBLE"] == "1"  # records/make_record.py needs scipy (Welch test) and matplotlib (plot)
 missing = []
-for name in ("torch", "numpy", "sentencepiece", "brotli"):
+for name in ("torch", "numpy", "sentencepiece", "brotli") + (("scipy", "matplotlib") if assemble else ()):
     try:
         importlib.import_module(name)
     except Exception as e:
         missing.append(f"{name} ({type(e).__name__}: {e})")
 if missing:
-    sys.exit("missing Python packages: " + "; ".join(missing) + ". Install them: pip install -r requirements.txt")
+    sys.exit("missing Python packages: " + "; ".join(missing) + ". Install them: pip install -r requirements.txt"
+             + (" scipy matplotlib (records assembly; or ASSEMBLE=0)" if assemble else ""))
 import torch
 print(torch.cuda.device_count() if torch.cuda.is_available() else 0)
 EOF
@@ -61,6 +68,13 @@ fi
 
 # --- runs dir and the code snapshot (every seed runs the same code, and that code is what gets shipped) ----------
 mkdir -p "$RUNS_DIR" || die "cannot create RUNS_DIR=$RUNS_DIR"
+for d in "$RUNS_DIR"/seed_*; do  # seeds of an earlier run under this NAME would be assembled with these
+  s=${d##*/seed_}
+  [[ "$s" =~ ^[0-9]+$ ]] && [ -z "${listed[$s]:-}" ] && [ -n "$(ls -A "$d")" ] || continue
+  if [ "${OVERWRITE:-0}" = 1 ]; then rm -rf "$d"
+  else die "$d is from another run (seed $s is not in SEEDS=$SEEDS); use another NAME, or OVERWRITE=1 to start over"
+  fi
+done
 for s in "${seed_list[@]}"; do
   d="$RUNS_DIR/seed_$s"
   [ -d "$d" ] && [ -n "$(ls -A "$d")" ] || continue
@@ -118,17 +132,24 @@ for s in "${seed_list[@]}"; do
     say "seed $s: already completed, kept"
     continue
   fi
-  [ -d "$d" ] && [ -n "$(ls -A "$d")" ] && mv "$d" "$d.failed_$(date -u +%H%M%S)"
+  [ -d "$d" ] && [ -n "$(ls -A "$d")" ] && mv "$d" "$(mktemp -u "$d.failed_$(date -u +%H%M%S)_XXXX")"
   mkdir -p "$d"
   say "seed $s: running (log: $d/console.log)"
   t0=$(date +%s)
+  # In the background and waited for: timeout runs the trainer in a process group of its own, which a Ctrl-C at the
+  # terminal does not reach, so the trap passes it on and run.sh stops instead of starting the next seed.
   SEED="$s" RUN_ID="${NAME}_seed$s" ARTIFACT_DIR="$d" PYTHONUNBUFFERED=1 \
-    timeout --kill-after=60 "$SEED_TIMEOUT" "${launch[@]}" > "$d/console.log" 2>&1
+    timeout --kill-after=60 "$SEED_TIMEOUT" "${launch[@]}" > "$d/console.log" 2>&1 &
+  trainer=$!
+  trap 'kill -TERM "$trainer" 2>/dev/null; wait "$trainer"; printf "[run.sh] interrupted during seed %s\n" "$s" >&2; exit 130' INT TERM
+  wait "$trainer"
   rc=$?
+  trap - INT TERM
   wall=$(( $(date +%s) - t0 ))
   case $rc in
     0) status=ok ;;
-    124|137) status=timeout ;;
+    124) status=timeout ;;
+    137) if [ "$wall" -ge "$SEED_TIMEOUT" ]; then status=timeout; else status=failed; fi ;;  # else killed (OOM?)
     *) status=failed ;;
   esac
   [ $status = ok ] && [ ! -f "$d/summary.json" ] && status=failed

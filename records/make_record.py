@@ -180,21 +180,26 @@ def load_seed_run(seed_dir: Path) -> SeedRun:
     log_path = next((p for p in (seed_dir / "train.log", seed_dir / "console.log") if p.is_file()), None)
     log = parse_train_log(log_path.read_text(encoding="utf-8", errors="replace")) if log_path else parse_train_log("")
     rc = (run_status or {}).get("rc", 0)
+    score = [(summary or {}).get(k) for k in ("val_loss", "val_bpb")]
     if rc in (124, 137):
         status = "timeout"
-    elif rc != 0 or summary is None or summary.get("val_loss") is None:
-        status = "failed"
+    elif rc != 0 or summary is None or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in score):
+        status = "failed"  # also a NaN score: no result
     else:
         status = "ok"
     return SeedRun(seed, seed_dir, status, summary, log_path, log, read_jsonl(seed_dir / "metrics.jsonl"), run_status)
 
 
 def load_runs(runs_dir: Path) -> list[SeedRun]:
-    """Every `seed_<S>` folder of a runs directory, in the order run.sh ran them (run_info.json) or by seed."""
+    """The seeds run.sh ran (run_info.json), in its order; without run_info.json every `seed_<S>` folder, by seed.
+    Seed folders run_info.json does not list (an earlier run under the same NAME) are left out, with a note."""
     dirs = {int(p.name[5:]): p for p in runs_dir.glob("seed_*") if p.is_dir() and p.name[5:].lstrip("-").isdigit()}
-    order = (read_json(runs_dir / "run_info.json") or {}).get("seeds") or sorted(dirs)
-    order = [int(s) for s in order if int(s) in dirs] + sorted(set(dirs) - {int(s) for s in order})
-    return [load_seed_run(dirs[s]) for s in order]
+    listed = (read_json(runs_dir / "run_info.json") or {}).get("seeds")
+    order = list(dict.fromkeys(int(s) for s in listed)) if listed else sorted(dirs)  # a seed counts once
+    stray = sorted(set(dirs) - set(order))
+    if stray:
+        print(f"note: ignoring seed folders run_info.json does not list: {stray}", file=sys.stderr)
+    return [load_seed_run(dirs[s]) for s in order if s in dirs]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -245,6 +250,8 @@ def check_seed(run: SeedRun, cap: int = SIZE_CAP_BYTES) -> list[Check]:
             faults.append(f"{label}: no coverage count")
         elif cov["val_tokens"] != cov["expected_tokens"]:
             faults.append(f"{label}: scored {cov['val_tokens']} of {cov['expected_tokens']} tokens")
+        elif cov.get("covered") is False:  # the run's own check: every target once, bytes equal to the expected
+            faults.append(f"{label}: the run reports covered=false (a target scored twice or bytes off)")
     checks.append(Check("coverage_complete", not faults,
                         "; ".join(faults) or f"every eval scored all expected tokens ({len(run.evals)} evals)"))
 
@@ -873,7 +880,8 @@ def assemble(runs_dir: str | os.PathLike, *, name: str | None = None, out_root: 
                      data_command or default_data_command(hp))
         rec.submission = build_submission(rec, name=name, date=date, author=author, github_id=github_id, blurb=blurb,
                                           technique_summary=technique_summary)
-        (folder / "submission.json").write_text(json.dumps(rec.submission, indent=2) + "\n", encoding="utf-8")
+        (folder / "submission.json").write_text(json.dumps(rec.submission, indent=2, allow_nan=False) + "\n",
+                                                encoding="utf-8")
         req = REPO_ROOT / "requirements.txt"
         (folder / "requirements.txt").write_text(
             f"# torch {rec.submission['pytorch_version']} was used (install it for your CUDA version first)\n"

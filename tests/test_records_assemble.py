@@ -1,5 +1,6 @@
 """records/make_record.py on fixture runs: the folder, submission.json, README, plot, and compliance failures."""
 import json
+import math
 
 import pytest
 from records_fixtures import A1493, VAL_TOKENS, bpb_of, load_make_record, write_runs
@@ -112,6 +113,35 @@ def test_coverage_missing_counts_fail(tmp_path):
         (seed_dir / "metrics.jsonl").unlink()
     res = mr.assemble(runs, out_root=tmp_path / "rec", dry_run=False)
     assert any("coverage_complete" in f and "no coverage count" in f for f in res["failures"])
+
+
+def test_run_reporting_covered_false_fails_coverage(tmp_path):
+    runs = write_runs(tmp_path / "runs")
+    set_eval_field("covered", False)(runs / "seed_314")
+    res = mr.assemble(runs, out_root=tmp_path / "rec", dry_run=False)
+    assert any("coverage_complete" in f and "covered=false" in f for f in res["failures"])
+
+
+def test_seed_folders_of_an_earlier_run_and_repeated_seeds_are_not_counted(tmp_path):
+    """A seed folder run_info.json does not list (an earlier run under the same NAME) stays out, and a seed listed
+    twice counts once."""
+    runs = write_runs(tmp_path / "runs", seeds=(42, 314))
+    write_runs(tmp_path / "earlier", seeds=(999,))
+    (tmp_path / "earlier" / "seed_999").rename(runs / "seed_999")
+    info = json.loads((runs / "run_info.json").read_text())
+    (runs / "run_info.json").write_text(json.dumps({**info, "seeds": [42, 314, 42]}))
+    res = mr.assemble(runs, out_root=tmp_path / "rec", dry_run=False)
+    assert res["submission"]["seeds"] == [42, 314] and any("three_seeds" in f for f in res["failures"])
+
+
+def test_non_finite_score_is_a_failed_seed_and_the_json_stays_valid(tmp_path):
+    runs = write_runs(tmp_path / "runs")
+    summary = json.loads((runs / "seed_999" / "summary.json").read_text())
+    (runs / "seed_999" / "summary.json").write_text(json.dumps({**summary, "val_loss": math.nan, "val_bpb": math.nan}))
+    res = mr.assemble(runs, out_root=tmp_path / "rec", dry_run=False)
+    text = (res["folder"] / "submission.json").read_text()
+    sub = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in submission.json"))
+    assert sub["submittable"] is False and sub["seed_results"]["999"]["status"] == "failed"
 
 
 def test_stale_log_is_caught(tmp_path):

@@ -1,7 +1,9 @@
 """run.sh end to end: with a stand-in trainer (fast), and with the real SMOKE=1 pipeline (RECORDS_SKIP_SMOKE=1 skips it)."""
 import json
 import os
+import signal
 import subprocess
+import time
 
 import pytest
 from records_fixtures import REPO_ROOT, fake_env, fake_repo
@@ -71,6 +73,7 @@ def test_seed_timeout(repo):
     (dict(SEEDS="1,x"), "SEEDS must be comma-separated integers"),
     (dict(DATA_DIR="/nonexistent"), "no training shards match /nonexistent/datasets/fineweb10B_sp8192"),
     (dict(SMOKE="1", MIN_FREE_MB="999999999"), "MB free"),
+    (dict(SMOKE="1", SEEDS="5,6,5"), "seed 5 is listed twice"),
 ])
 def test_preflight_failures(repo, env, message):
     proc = run_sh(repo, NAME="p", TRAIN_SCRIPT="fake_train.py", **env)
@@ -83,6 +86,34 @@ def test_existing_outputs_are_not_overwritten(repo):
     (repo / "runs" / "o" / "seed_1" / "train.log").write_text("old")
     proc = run_sh(repo, SMOKE="1", SEEDS="1", NAME="o", TRAIN_SCRIPT="fake_train.py")
     assert proc.returncode == 2 and "SKIP_DONE=1" in proc.stderr
+
+
+def test_seed_folders_of_another_run_stop_it_unless_overwritten(repo):
+    (repo / "runs" / "o" / "seed_7").mkdir(parents=True)
+    (repo / "runs" / "o" / "seed_7" / "train.log").write_text("an earlier run's seed")
+    proc = run_sh(repo, SMOKE="1", SEEDS="1", NAME="o", TRAIN_SCRIPT="fake_train.py")
+    assert proc.returncode == 2 and "seed_7 is from another run" in proc.stderr
+    proc = run_sh(repo, SMOKE="1", SEEDS="1", NAME="o", TRAIN_SCRIPT="fake_train.py", OVERWRITE="1")
+    assert proc.returncode == 0, proc.stderr
+    assert not (repo / "runs" / "o" / "seed_7").exists()
+
+
+def test_interrupt_stops_the_seed_and_the_run(repo):
+    """SIGINT (Ctrl-C) reaches the trainer, which timeout keeps in a process group of its own, and no later seed
+    starts."""
+    proc = subprocess.Popen(["./run.sh"], cwd=repo, env=fake_env(SMOKE="1", SEEDS="1,2", NAME="i",
+                                                                  TRAIN_SCRIPT="fake_train.py", FAKE_SLEEP="60"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    console = repo / "runs" / "i" / "seed_1" / "console.log"
+    deadline = time.time() + 120
+    while not console.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1)
+    t0 = time.time()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted during seed 1" in err, err
+    assert time.time() - t0 < 30 and not (repo / "runs" / "i" / "seed_2").exists()
 
 
 def test_real_smoke_two_seeds(tmp_path):
