@@ -356,20 +356,22 @@ def welch_improvement_test(new: list[float], baseline: list[float], margin: floa
             "significant": bool(res.pvalue < alpha)}
 
 
-def baseline_losses_from(path: str) -> tuple[list[float], str]:
-    """Per-seed val_loss of a records folder (or its submission.json)."""
+def baseline_scores_from(path: str) -> tuple[list[float], list[float], str]:
+    """Per-seed val_loss and val_bpb of a records folder (or its submission.json); the official records' seed_results
+    hold only val_bpb, so either list may be empty, not both."""
     p = Path(path)
     if p.is_dir():
         p = p / "submission.json"
     sub = read_json(p)
     if sub is None:
         raise SystemExit(f"baseline error: cannot read {p}")
-    results = sub.get("seed_results") or {}
-    losses = [float(r["val_loss"]) for r in results.values() if isinstance(r, dict) and r.get("val_loss") is not None]
-    if not losses:
-        raise SystemExit(f"baseline error: {p} has no seed_results with val_loss (mean only: "
+    rows = [r for r in (sub.get("seed_results") or {}).values() if isinstance(r, dict)]
+    losses = [float(r["val_loss"]) for r in rows if r.get("val_loss") is not None]
+    bpbs = [float(r["val_bpb"]) for r in rows if r.get("val_bpb") is not None]
+    if not losses and not bpbs:
+        raise SystemExit(f"baseline error: {p} has no seed_results with val_loss or val_bpb (mean only: "
                          f"{sub.get('val_loss')}); pass --baseline-losses a,b,c instead")
-    return losses, sub.get("name") or p.parent.name
+    return losses, bpbs, sub.get("name") or p.parent.name
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -715,7 +717,7 @@ def render_readme(rec: Record) -> str:
                   f"mean delta {sig['mean_delta_nats']:+.6f} nats (new - baseline), t = {sig['t']:.4f}, "
                   f"df = {fmt(sig['df'], '.2f')}, p = {sig['p_value']:.3g}: "
                   + ("**significant** (p < " if sig["significant"] else "**not significant** (p >= ")
-                  + f"{sig['alpha']}).", ""]
+                  + f"{sig['alpha']})." + (f" Note: {sig['note']}." if sig.get("note") else ""), ""]
 
     lines += ["## Techniques", ""]
     lines += [f"- {t}" for t in sub["technique_summary"].split("; ") if t] or ["(not recorded)"]
@@ -794,16 +796,30 @@ def staged_folder(final_folder: Path):
     partial.rename(final_folder)
 
 
-def significance_against(losses: list[float], baseline: str | None, baseline_losses: list[float] | None,
-                         margin: float, alpha: float) -> dict | None:
+def significance_against(losses: list[float], bpbs: list[float], baseline: str | None,
+                         baseline_losses: list[float] | None, margin: float, alpha: float) -> dict | None:
+    """The Welch test on per-token val_loss, which compares only under one tokenization: a baseline whose bytes per
+    token (val_loss / (val_bpb ln 2)) differ by over 1% gets no verdict; a baseline with val_bpb only (the official
+    records) is converted at this run's bytes per token."""
+    note = ""
     if baseline:
-        baseline_losses, baseline_name = baseline_losses_from(baseline)
+        baseline_losses, baseline_bpbs, baseline_name = baseline_scores_from(baseline)
+        per_token = mean_std([l / (b * LN2) for l, b in zip(losses, bpbs)])[0]  # bytes per token of this run
+        if baseline_losses and baseline_bpbs:
+            theirs = mean_std([l / (b * LN2) for l, b in zip(baseline_losses, baseline_bpbs)])[0]
+            if abs(theirs / per_token - 1) > 0.01:
+                return {**welch_improvement_test([], []), "baseline": baseline_name, "baseline_losses": baseline_losses,
+                        "reason": f"the baseline tokenizes otherwise ({theirs:.4f} vs {per_token:.4f} bytes per token):"
+                                  " per-token nats do not compare; compare val_bpb"}
+        elif not baseline_losses:
+            baseline_losses = [b * LN2 * per_token for b in baseline_bpbs]
+            note = "baseline val_loss from its per-seed val_bpb at this run's bytes per token (same tokenizer assumed)"
     elif baseline_losses:
         baseline_name = "the given baseline losses"
     else:
         return None
     sig = welch_improvement_test(losses, baseline_losses, margin, alpha)
-    return {**sig, "baseline": baseline_name, "baseline_losses": list(baseline_losses)}
+    return {**sig, "baseline": baseline_name, "baseline_losses": list(baseline_losses), "note": note}
 
 
 def folder_level_checks(runs: list[SeedRun], bytes_code: int, sig: dict | None) -> list[Check]:
@@ -849,7 +865,8 @@ def assemble(runs_dir: str | os.PathLike, *, name: str | None = None, out_root: 
                                               if p.is_file())
     source, wrapped = ship_script(script)
     bytes_code = len(wrapped.encode("utf-8"))
-    sig = significance_against([float(r.get("val_loss")) for r in done], baseline, baseline_losses, margin, alpha)
+    sig = significance_against([float(r.get("val_loss")) for r in done], [float(r.get("val_bpb")) for r in done],
+                               baseline, baseline_losses, margin, alpha)
     hp = done[0].get("hyperparameters") or {}
 
     warnings = []

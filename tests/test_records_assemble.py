@@ -77,6 +77,25 @@ def test_baseline_from_records_folder(tmp_path):
     assert any("significant_improvement" in f for f in second["failures"])
 
 
+def test_baseline_with_val_bpb_only_and_one_that_tokenizes_otherwise(tmp_path):
+    """The official records' seed_results hold val_bpb only: it is converted at this run's bytes per token (same
+    losses back). A baseline with another bytes-per-token ratio (another tokenizer) gets no verdict."""
+    first = build(tmp_path)["folder"]
+    sub = json.loads((first / "submission.json").read_text())
+    official = {**sub, "seed_results": {k: {"val_bpb": v["val_bpb"]} for k, v in sub["seed_results"].items()}}
+    (tmp_path / "official.json").write_text(json.dumps(official))
+    sig = mr.assemble(tmp_path / "runs", out_root=tmp_path / "r2", baseline=str(tmp_path / "official.json"),
+                      dry_run=False)["submission"]["significance"]
+    assert sig["mean_delta_nats"] == pytest.approx(0.0, abs=1e-6) and "same tokenizer assumed" in sig["note"]
+    other = {**sub, "seed_results": {k: {**v, "val_bpb": v["val_bpb"] * 1.3} for k, v in sub["seed_results"].items()}}
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    res = mr.assemble(tmp_path / "runs", out_root=tmp_path / "r3", baseline=str(tmp_path / "other.json"),
+                      dry_run=False)
+    assert res["submission"]["significance"]["significant"] is None
+    assert "tokenizes otherwise" in res["submission"]["significance"]["reason"]
+    assert "tokenizes otherwise" in (res["folder"] / "README.md").read_text()
+
+
 def set_eval_field(field, value):
     def mutate(seed_dir):
         summary = json.loads((seed_dir / "summary.json").read_text())
