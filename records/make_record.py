@@ -267,7 +267,8 @@ def check_seed(run: SeedRun, cap: int = SIZE_CAP_BYTES) -> list[Check]:
         checks.append(Check("score_first_ttt", False, f"TTT mode {mode!r} is not score_first, lora_phased or off"))
 
     gpu, world = str(run.get("gpu", "")), run.get("world_size")
-    checks.append(Check("hardware_8xh100", world == 8 and "H100" in gpu, f"{world} x {gpu}"))
+    sxm = "H100" in gpu and not any(part in gpu for part in ("PCIe", "NVL"))  # the rules' 8xH100 is SXM
+    checks.append(Check("hardware_8xh100", world == 8 and sxm, f"{world} x {gpu}"))
     smoke = int((run.get("hyperparameters") or {}).get("smoke", 0) or 0)
     checks.append(Check("not_smoke", not smoke, "SMOKE=1 run (tiny CPU config)" if smoke else "full config"))
     checks.append(check_log_matches(run))

@@ -113,6 +113,7 @@ def set_eval_field(field, value):
     ({42: {"ttt": {"mode": "pre_quant_multi_epoch", "score_before_update": False}}}, "score_first_ttt"),
     ({314: {"ttt": {"mode": "score_first", "score_before_update": False}}}, "score_first_ttt"),
     ({999: {"gpu": "NVIDIA A100-SXM4-80GB"}}, "hardware_8xh100"),
+    ({42: {"gpu": "NVIDIA H100 PCIe"}}, "hardware_8xh100"),
 ])
 def test_compliance_failures_are_detected(tmp_path, overrides, check):
     res = build(tmp_path, overrides, dry_run=False)
