@@ -550,6 +550,16 @@ def describe_techniques(hp: dict) -> list[str]:
     return out
 
 
+def custom_tokenizer(done: list[SeedRun]) -> Path | None:
+    """The tokenizer the runs used when it is not a published fineweb_<V>_bpe.model (a CaseOps one, say): it ships
+    with the record, since the shards and the byte accounting depend on it."""
+    hp = done[0].get("hyperparameters") or {}
+    path = hp.get("tokenizer_path")
+    if not path or int(hp.get("smoke", 0) or 0) or Path(path).name == f"fineweb_{hp.get('vocab_size', 8192)}_bpe.model":
+        return None
+    return Path(path)
+
+
 def default_data_command(hp: dict) -> str:
     if int(hp.get("smoke", 0) or 0):
         return "# SMOKE=1 makes its own synthetic data: nothing to download"
@@ -582,6 +592,7 @@ class Record:
     data_command: str
     submission: dict = dataclasses.field(default_factory=dict)
     plotted: bool = False
+    tokenizer: str | None = None  # file name of a shipped tokenizer the runs used instead of the published one
 
     @property
     def done(self) -> list[SeedRun]:
@@ -746,6 +757,7 @@ def render_readme(rec: Record) -> str:
     lines += [""]
 
     env = "".join(f"{k}={v} " for k, v in rec.overrides.items())
+    folder_env = env + (f"TOKENIZER_PATH={rec.tokenizer} " if rec.tokenizer else "")
     seeds = ",".join(str(r.seed) for r in rec.runs)
     world = done[0].get("world_size") or 8
     one_seed = "python3 train_gpt.py" if world == 1 and done[0].get("gpu") == "cpu" else \
@@ -763,8 +775,12 @@ def render_readme(rec: Record) -> str:
               f"{env}SEEDS={seeds} NAME={sub['name']} ./run.sh",
               "# or one seed from inside this folder",
               f"cd {folder_rel}",
-              f"{env}{'' if 'SMOKE' in rec.overrides else f'DATA_DIR={data_dir} '}SEED={rec.runs[0].seed} {one_seed}",
-              "```", ""]
+              f"{folder_env}{'' if 'SMOKE' in rec.overrides else f'DATA_DIR={data_dir} '}SEED={rec.runs[0].seed} "
+              f"{one_seed}", "```", ""]
+    if rec.tokenizer:
+        lines += [f"The runs used the tokenizer `{rec.tokenizer}` (in this folder), not the published one: build the "
+                  f"shards with it (`data/build_shards.py --tokenizer {rec.tokenizer}`, see `data/README.md`) and "
+                  "point `DATA_PATH` at them.", ""]
     if rec.run_info:
         lines += [f"Runs made from commit `{rec.run_info.get('git_commit', '?')}`"
                   + (" (with uncommitted changes to the script)" if rec.run_info.get("git_dirty") else "")
@@ -776,7 +792,8 @@ def render_readme(rec: Record) -> str:
               "- `train_gpt.py` — the training script, LZMA/base85 self-extracting (runs from this folder)",
               "- `submission.json` — results, per-seed figures, compliance and significance",
               *[f"- `train_seed{r.seed}.log` — seed {r.seed}'s log" for r in rec.runs if r.log_path],
-              "- `requirements.txt` — Python packages besides torch"]
+              "- `requirements.txt` — Python packages besides torch",
+              *([f"- `{rec.tokenizer}` — the tokenizer the runs used"] if rec.tokenizer else [])]
     if rec.plotted:
         lines += ["- `loss_curves.png` — training and validation loss per seed"]
     return "\n".join(lines) + "\n"
@@ -885,8 +902,18 @@ def assemble(runs_dir: str | os.PathLike, *, name: str | None = None, out_root: 
         warnings.append("could not derive the config's environment settings (no hyperparameters in summary.json, "
                         "or the script has no load_hyperparameters); the reproduction command shows defaults")
 
+    tokenizers = {(r.get("hyperparameters") or {}).get("tokenizer_path") for r in done}
+    if len(tokenizers) > 1:
+        warnings.append(f"the seeds used different tokenizers: {sorted(map(str, tokenizers))}")
+    tokenizer = custom_tokenizer(done)
+    if tokenizer is not None and not tokenizer.is_file():
+        warnings.append(f"the runs used the tokenizer {tokenizer}, which is not here: not shipped")
+        tokenizer = None
+
     with staged_folder(final_folder) as folder:
         (folder / "train_gpt.py").write_text(wrapped, encoding="utf-8")
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer, folder / tokenizer.name)
         for run in runs:
             if run.log_path:
                 shutil.copyfile(run.log_path, folder / f"train_seed{run.seed}.log")
@@ -895,7 +922,7 @@ def assemble(runs_dir: str | os.PathLike, *, name: str | None = None, out_root: 
         folder_checks += folder_level_checks(runs, bytes_code, sig)
         warnings += [f"{c.name} not checked: {c.detail}" for c in folder_checks if c.ok is None]
         rec = Record(final_folder, runs, bytes_code, overrides or {}, folder_checks, sig, warnings, run_info,
-                     data_command or default_data_command(hp))
+                     data_command or default_data_command(hp), tokenizer=tokenizer.name if tokenizer else None)
         rec.submission = build_submission(rec, name=name, date=date, author=author, github_id=github_id, blurb=blurb,
                                           technique_summary=technique_summary)
         (folder / "submission.json").write_text(json.dumps(rec.submission, indent=2, allow_nan=False) + "\n",

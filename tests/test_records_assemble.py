@@ -135,6 +135,20 @@ def test_coverage_missing_counts_fail(tmp_path):
     assert any("coverage_complete" in f and "no coverage count" in f for f in res["failures"])
 
 
+def test_a_custom_tokenizer_ships_with_the_record(tmp_path):
+    """A run on another tokenizer (CaseOps, say) gets it copied into the folder and named in the reproduction."""
+    tok = tmp_path / "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
+    tok.write_bytes(b"sentencepiece model bytes")
+    hp = {"hyperparameters": {"tokenizer_path": str(tok)}}
+    res = build(tmp_path, {s: hp for s in (42, 314, 999)}, dry_run=False)
+    assert (res["folder"] / tok.name).read_bytes() == tok.read_bytes()
+    readme = (res["folder"] / "README.md").read_text()
+    assert f"TOKENIZER_PATH={tok.name} " in readme and f"- `{tok.name}` — the tokenizer the runs used" in readme
+    tok.unlink()  # not on this machine: a warning, nothing shipped
+    res = build(tmp_path, {s: hp for s in (42, 314, 999)}, dry_run=False, force=True)
+    assert not (res["folder"] / tok.name).exists() and any("not shipped" in w for w in res["warnings"])
+
+
 def test_run_reporting_covered_false_fails_coverage(tmp_path):
     runs = write_runs(tmp_path / "runs")
     set_eval_field("covered", False)(runs / "seed_314")
