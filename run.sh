@@ -7,8 +7,8 @@
 # Settings (all optional): SEEDS (42,314,999), NPROC (number of GPUs, 1 without), NAME (run_<time>, smoke_<time>
 # with SMOKE=1), RUNS_DIR (runs/<NAME>), SEED_TIMEOUT seconds per seed (2400; 900 with SMOKE=1), MIN_FREE_MB (4096;
 # 200 with SMOKE=1), SKIP_DONE=1 (keep seeds that already completed in RUNS_DIR, rerun the rest), OVERWRITE=1
-# (delete RUNS_DIR's seed folders first, other seeds' too), BASELINE (records folder to test significance against), RECORD_ARGS
-# (extra make_record.py arguments), RECORDS_ROOT (where the folder goes; RUNS_DIR/records with SMOKE=1),
+# (delete RUNS_DIR's seed folders first, other seeds' too), BASELINE (records folder to test significance against),
+# RECORD_ARGS (extra make_record.py arguments), RECORDS_ROOT (where the folder goes; RUNS_DIR/records with SMOKE=1),
 # ASSEMBLE=0 (skip make_record.py), PYTHON (python3), TRAIN_SCRIPT (train_gpt.py).
 # Everything else in the environment (hyperparameters, DATA_DIR, ...) passes through to train_gpt.py.
 set -uo pipefail
