@@ -288,7 +288,10 @@ def train_tokenizer(input_path: str, dest_model: Path, vocab_size: int, train_do
     tmp_prefix = dest_model.parent / f".tmp_{dest_model.stem}_{os.getpid()}"
     dest_model.parent.mkdir(parents=True, exist_ok=True)
     print(f"training a {vocab_size}-piece SentencePiece BPE tokenizer on "
-          f"{'all' if train_docs is None else f'the first {train_docs:,}'} docs of {input_path}", flush=True)
+          f"{'all' if train_docs is None else f'the first {train_docs:,}'} docs of {input_path}"
+          + ("; SentencePiece holds that text in memory (measured: ~6x its size), so cap it with "
+             "--tokenizer-train-docs on a large corpus (the challenge used 5,000,000)" if train_docs is None else ""),
+          flush=True)
     t0 = time.time()
     try:
         train_gpt.train_sentencepiece(DocReader(input_path, limit=train_docs), str(tmp_prefix), vocab_size)
