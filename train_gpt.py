@@ -1318,8 +1318,9 @@ def leaky_relu_sq_mlp(u: Tensor, w_fc: Tensor, w_proj: Tensor) -> Tensor:
 # (EAGER_REGIONS: COMPILE=0, GPTQ calibration hooks, and inside the whole-model compile of COMPILE_SCOPE=model) or each
 # compiled once for the process (COMPILE_SCOPE=blocks). Compiled, a Block runs the graph of its structure (sequential
 # or parallel residual, with or without XSA: two structures in the default model, where both kinds of block have XSA;
-# see Block's buffers), whatever the layer and whatever the schedule, so switching the depth loop on compiles nothing. The embedding (a gather and a norm) stays eager: nothing to fuse. The skip mix and the
-# head + softcap + CE are compiled: eager they would materialize several full-size activations or fp32 logits.
+# see Block's buffers), whatever the layer and whatever the schedule, so switching the depth loop on compiles nothing.
+# The embedding (a gather and a norm) stays eager: nothing to fuse. The skip mix and the head + softcap + CE are
+# compiled: eager they would materialize several full-size activations or fp32 logits.
 
 COMPILE_BACKEND = "inductor"  # training compiles; tests put "aot_eager" or a counting backend here
 
@@ -1363,8 +1364,9 @@ EAGER_REGIONS = Regions()
 _COMPILED_REGIONS: dict = {}
 
 # Graphs of run_block in a full run: 2 block structures x 3 static shapes (training, no-grad eval, TTT batch) = 6 by
-# default (up to 4 structures with XSA on some layers only), plus the LoRA TTT's 3 dynamic ones (one code object, one cache), past dynamo's default limit of 8 per function, where it
-# stops compiling the function; so the limit is raised, with room.
+# default (up to 4 structures with XSA on some layers only), plus the LoRA TTT's 3 dynamic ones (one code object, one
+# cache), past dynamo's default limit of 8 per function, where it stops compiling the function; so the limit is
+# raised, with room.
 REGION_RECOMPILE_LIMIT = 64
 
 

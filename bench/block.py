@@ -5,9 +5,9 @@
 Times run_block (COMPILE_SCOPE=blocks' region) on a sequential block (layer 0) and a parallel-residual block (the
 first layer >= PARALLEL_RESIDUAL_START) of the default model: x, x0 [48, 2048, 512] bf16 under autocast, median of
 --iters CUDA-event timings after warm-up of forward + backward (fwd_bwd_ms: the training step) and of the no-grad
-forward (fwd_ms: what evaluation runs, so with the module MLP, not the fused one, whatever the variant). Variants are alternative forward implementations
-defined below, timed the same way and checked against the current implementation (output and input gradients);
-`current` is train_gpt.py as it is. Prints a table and writes <out>/block.json.
+forward (fwd_ms: what evaluation runs, so with the module MLP, not the fused one, whatever the variant). Variants
+are alternative forward implementations defined below, timed the same way and checked against the current
+implementation (output and input gradients); `current` is train_gpt.py as it is. Prints a table and writes <out>/block.json.
 """
 import argparse
 import json

@@ -37,7 +37,8 @@ MIN_SEEDS = 3
 LN2 = math.log(2.0)
 
 # Hyperparameters that name the machine or the run rather than the configuration.
-RUN_SPECIFIC_KEYS = {"seed", "run_id", "artifact_dir", "data_dir", "data_path", "tokenizer_path", "val_files", "smoke", "dry_run", "eval_only", "artifact_path"}
+RUN_SPECIFIC_KEYS = {"seed", "run_id", "artifact_dir", "data_dir", "data_path", "tokenizer_path", "val_files", "smoke",
+                     "dry_run", "eval_only", "artifact_path"}
 
 # Results-table columns: (title, predicate on an eval label).
 EVAL_COLUMNS = [
