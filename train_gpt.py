@@ -731,7 +731,8 @@ SDPA_BACKENDS = {"sdpa_cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa_flash": SDPBack
 
 
 def _pick_attention_backend() -> str:
-    """FA3 if importable; else on CUDA the fastest SDPA backend that does GQA natively (timed); 'math' on CPU."""
+    """FA3 if importable, else FA4 if importable on Hopper or newer; else on CUDA the fastest SDPA backend that does
+    GQA natively (timed); 'math' on CPU."""
     try:
         import flash_attn_interface  # noqa: F401
 
@@ -740,6 +741,12 @@ def _pick_attention_backend() -> str:
         pass
     if not torch.cuda.is_available():
         return "sdpa_math"
+    # FA4 is not in the timed race, which picked cuDNN over it: at the probe's size its per-call host work (Python)
+    # outweighs its kernels, while in training the host runs ahead of the GPU. There its kernels take 20 ms less per
+    # step than cuDNN's (H100, bench/profile_step.py: 717.9 vs 736.2 ms per step before looping, 1,085.8 vs 1,110.6
+    # after).
+    if _fa4_usable():
+        return "fa4"
     # 16 rows: at 4 the timings were within noise and flash was picked on some runs, though at the training shape
     # (48 rows) cuDNN takes 2.40 ms per fwd+bwd and flash 3.43 (H100, bench/attention.py).
     q = torch.randn(16, 8, 2048, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -761,6 +768,65 @@ def _pick_attention_backend() -> str:
         except RuntimeError:
             continue
     return min(timings, key=timings.get) if timings else "sdpa_math"
+
+
+# FlashAttention-4 (PyPI flash-attn-4: CuTe DSL kernels, Hopper included), as custom ops so that torch.compile keeps a
+# block one graph around it: its own autograd.Function would break the graph. Imported on first call.
+@torch.library.custom_op("pgolf::fa4_causal", mutates_args=())
+def _fa4_causal_op(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """(out [B, T, H, D], lse [B, H, T] fp32) of contiguous q [B, T, H, D], k, v [B, T, Hkv, D]."""
+    from flash_attn.cute.interface import _flash_attn_fwd
+
+    out, lse = _flash_attn_fwd(q, k, v, causal=True, return_lse=True)[:2]
+    return out, lse
+
+
+@_fa4_causal_op.register_fake
+def _fa4_causal_fake(q, k, v):
+    B, T, H, _ = q.shape
+    return q.new_empty(B, T, H, v.size(-1)), q.new_empty(B, H, T, dtype=torch.float32)
+
+
+@torch.library.custom_op("pgolf::fa4_causal_backward", mutates_args=())
+def _fa4_causal_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                            lse: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    from flash_attn.cute.interface import _flash_attn_bwd
+
+    dq, dk, dv = _flash_attn_bwd(q, k, v, out, dout, lse, causal=True)[:3]
+    return dq, dk, dv
+
+
+@_fa4_causal_backward_op.register_fake
+def _fa4_causal_backward_fake(dout, q, k, v, out, lse):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _fa4_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, *output)
+    ctx.mark_non_differentiable(output[1])  # the LSE is kept for the backward only
+
+
+def _fa4_grad(ctx, dout, _dlse):
+    return torch.ops.pgolf.fa4_causal_backward(dout.contiguous(), *ctx.saved_tensors)
+
+
+_fa4_causal_op.register_autograd(_fa4_grad, setup_context=_fa4_setup_context)
+
+
+def fa4_causal(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    return torch.ops.pgolf.fa4_causal(q.contiguous(), k.contiguous(), v.contiguous())[0]
+
+
+def _fa4_usable() -> bool:
+    if torch.cuda.get_device_capability()[0] < 9:  # its Ampere path has no backward
+        return False
+    # Its kernels compile on first use in each process (~20 s on an H100): keep them on disk for the next run.
+    os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
+    try:
+        import flash_attn.cute.interface  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 ATTENTION_BACKEND = None  # chosen once per process by configure_attention()
@@ -794,13 +860,15 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, doc_mask=None) -> Tensor:
 
         out = flash_attn_interface.flash_attn_func(q, k, v, causal=True)
         return out[0] if isinstance(out, tuple) else out
+    if ATTENTION_BACKEND == "fa4":
+        return fa4_causal(q, k, v)
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
                                        enable_gqa=True)
     return y.transpose(1, 2)
 
 
 def sdpa_context():
-    """Restrict SDPA to the chosen backend (no-op for FA3 and on CPU)."""
+    """Restrict SDPA to the chosen backend (no-op for FA3, FA4 and on CPU)."""
     backend = SDPA_BACKENDS.get(ATTENTION_BACKEND)
     return sdpa_kernel(backend) if backend is not None else nullcontext()
 
@@ -3039,7 +3107,7 @@ def _lora_chunk_losses(model: GPT, lora: BatchedLoRA, x: Tensor, sel: Tensor, y_
 
 def _lora_sdpa_context():
     """cuDNN attention builds a plan for every new shape (tens of ms each), and the adapter steps run thousands of
-    (rows, length) shapes: they use PyTorch's flash kernel instead. FA3 and the CPU path are unchanged."""
+    (rows, length) shapes: they use PyTorch's flash kernel instead. FA3, FA4 and the CPU path are unchanged."""
     if ATTENTION_BACKEND == "sdpa_cudnn":
         return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])
     return sdpa_context()

@@ -1,14 +1,16 @@
 """Attention micro-benchmark at the training shape: dense causal backends against document-isolated ones (GPU).
 
-    python3 bench/attention.py [--rows 48,6] [--iters 30] [--data GLOB] [--out DIR]
+    python3 bench/attention.py [--rows 48,6] [--iters 30] [--data GLOB] [--cases NAMES] [--out DIR]
 
 One attention call per case, q [B, 2048, 8, 64] and k, v [B, 2048, 4, 64] in bf16, as every layer of the default
 model runs it; B = 48 rows is the real micro-batch (TRAIN_BATCH_TOKENS / (world * grad_accum) / 2048 on any GPU
-count). Cases: cuDNN and flash SDPA (dense causal), FA3 dense if importable, FlexAttention dense causal, and the
-document-isolated backends of train_gpt.py, each through the very functions training uses (compiled with
-fullgraph=True, dynamic=False): FlexAttention with the document BlockMask, torch varlen_attn with the fixed-length
-padded cu_seqlens, the same with exact (unpadded) cu_seqlens to show what the empty padding sequences cost, FA3
-varlen if importable, and SDPA with an explicit boolean mask (the CPU fallback) for scale.
+count). Cases: cuDNN and flash SDPA (dense causal), FA3 dense if importable, FA4 dense (eager and compiled) if
+importable on Hopper, FlexAttention dense causal, and the document-isolated backends of train_gpt.py, each through the
+very functions training uses (compiled with fullgraph=True, dynamic=False): FlexAttention with the document BlockMask,
+torch varlen_attn with the fixed-length padded cu_seqlens, the same with exact (unpadded) cu_seqlens to show what the
+empty padding sequences cost, FA3 varlen if importable, and SDPA with an explicit boolean mask (the CPU fallback) for
+scale. --cases keeps the cases whose names contain one of its comma-separated parts. A single call's time includes
+the host's work for it (FA4's is Python): bench/profile_step.py gives kernel time in a real step.
 
 Documents: lognormal lengths (median 424, mean ~750 tokens, as the FineWeb validation documents), each led by BOS,
 concatenated and cut into 2048-token rows; or rows cut from real shards with --data.
@@ -195,12 +197,15 @@ def dense_flex():
     return build, attend, contextlib.nullcontext
 
 
-def cases(fa3: bool):
+def cases(fa3: bool, fa4: bool):
     """(name, build, attend, setup, isolated, compiled)."""
     out = [("sdpa_cudnn dense", *dense_sdpa("sdpa_cudnn"), False, False),
            ("sdpa_flash dense", *dense_sdpa("sdpa_flash"), False, False)]
     if fa3:
         out.append(("fa3 dense", *dense_sdpa("fa3"), False, False))
+    if fa4:  # eager, and compiled as in training (its custom ops must not break the graph)
+        out.append(("fa4 dense", *dense_sdpa("fa4"), False, False))
+        out.append(("fa4 dense compiled", *dense_sdpa("fa4"), False, True))
     out.append(("flex dense", *dense_flex(), False, True))
 
     def doc(dense, backend, build=None):
@@ -220,6 +225,7 @@ def main():
     ap.add_argument("--rows", default="48,6", help="micro-batch rows to try, comma-separated")
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--data", default="", help="glob of token shards to cut rows from (default: synthetic documents)")
+    ap.add_argument("--cases", default="", help="run only the cases whose names contain one of these, comma-separated")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     args = ap.parse_args()
     assert torch.cuda.is_available(), "bench/attention.py needs a GPU"
@@ -229,8 +235,10 @@ def main():
         fa3 = True
     except ImportError:
         fa3 = False
+    fa4 = tg._fa4_usable()
+    wanted = [c for c in args.cases.split(",") if c]
     rng = np.random.default_rng(0)
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "fa3": fa3,
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "fa3": fa3, "fa4": fa4,
               "shape": {"T": T, "H": H, "H_kv": HKV, "D": D, "dtype": "bfloat16"},
               "docs": "shards " + args.data if args.data else "lognormal(median 424, sigma 1.07)", "batches": [],
               "results": []}
@@ -238,7 +246,9 @@ def main():
         make = (lambda: shard_rows(args.data, rows, rng)) if args.data else (lambda: lognormal_rows(rows, rng))
         ids, other = make().cuda(), make().cuda()
         result["batches"].append({"rows": rows, **document_stats(ids)})
-        for name, build, attend, setup, isolated, compiled in cases(fa3):
+        for name, build, attend, setup, isolated, compiled in cases(fa3, fa4):
+            if wanted and not any(w in name for w in wanted):
+                continue
             try:
                 row = run_case(name, build, attend, ids, other, args.iters, isolated, compiled, setup, n == 0)
             except Exception as e:  # noqa: BLE001 - report and go on with the other cases
@@ -248,7 +258,7 @@ def main():
             print(json.dumps(row), flush=True)
             torch.cuda.empty_cache()
     path = write_result(args.out, "attention.json", result)
-    print(f"\n{result['device']}  torch {result['torch']}  fa3:{fa3}")
+    print(f"\n{result['device']}  torch {result['torch']}  fa3:{fa3}  fa4:{fa4}")
     for b in result["batches"]:
         print(f"rows {b['rows']}: {b['segments_per_row_mean']:.2f} documents/row (max {b['segments_per_row_max']}), "
               f"{b['segments']} sequences in {b['varlen_slots']} varlen slots, doc-causal work "

@@ -1,0 +1,95 @@
+"""The FA4 attention backend's wiring: custom ops, their autograd and torch.compile, on CPU.
+
+FlashAttention-4's kernels only run on a GPU (bench/attention.py times and checks them there). Here a stand-in module
+with its two entry points' signatures and return conventions computes them in plain torch, so what is tested is
+train_gpt's side: layouts, the LSE kept for the backward, gradients of q, k and v, and one graph under compile."""
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._dynamo.testing import CompileCounter
+
+import train_gpt as tg
+
+
+def reference(q, k, v):
+    """Causal GQA attention on [B, T, H, D], fp32 math."""
+    y = F.scaled_dot_product_attention(q.transpose(1, 2).float(), k.transpose(1, 2).float(),
+                                       v.transpose(1, 2).float(), is_causal=True, enable_gqa=True)
+    return y.transpose(1, 2).to(q.dtype)
+
+
+def probabilities(q, k):
+    """Causal softmax weights [B, H, Tq, Tk] of q [B, T, H, D] against GQA k [B, T, Hkv, D], fp32."""
+    k = k.float().repeat_interleave(q.size(2) // k.size(2), 2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k) / q.size(-1) ** 0.5
+    T = q.size(1)
+    return scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+
+
+def stand_in_fwd(q, k, v, causal=False, return_lse=False, **_):
+    """Like flash_attn.cute.interface._flash_attn_fwd: (out, lse [B, H, T], and three more) for contiguous inputs."""
+    assert causal and return_lse and all(t.is_contiguous() for t in (q, k, v))
+    return reference(q, k, v), torch.logsumexp(probabilities(q, k), -1), None, None, None
+
+
+def stand_in_bwd(q, k, v, out, dout, lse, softmax_scale=None, causal=False, **_):
+    """Like _flash_attn_bwd: (dq, dk, dv) from the saved out and lse, by the softmax backward written out."""
+    assert causal and lse.shape == (q.size(0), q.size(2), q.size(1)) and lse.dtype == torch.float32
+    group = q.size(2) // k.size(2)
+    p = (probabilities(q, k) - lse.unsqueeze(-1)).exp()
+    do, kk, vv = dout.float(), *(t.float().repeat_interleave(group, 2) for t in (k, v))
+    dp = torch.einsum("bqhd,bkhd->bhqk", do, vv)
+    ds = p * (dp - (do * out.float()).sum(-1).transpose(1, 2).unsqueeze(-1)) / q.size(-1) ** 0.5
+    dq = torch.einsum("bhqk,bkhd->bqhd", ds, kk)
+    dk = torch.einsum("bhqk,bqhd->bkhd", ds, q.float())
+    dv = torch.einsum("bhqk,bqhd->bkhd", p, do)
+    fold = lambda t: t.unflatten(2, (k.size(2), group)).sum(3)  # noqa: E731 - query heads back onto their K/V head
+    return dq.to(q.dtype), fold(dk).to(k.dtype), fold(dv).to(v.dtype)
+
+
+@pytest.fixture
+def fa4(monkeypatch):
+    interface = types.ModuleType("flash_attn.cute.interface")
+    interface._flash_attn_fwd, interface._flash_attn_bwd = stand_in_fwd, stand_in_bwd
+    for name, module in (("flash_attn", types.ModuleType("flash_attn")),
+                         ("flash_attn.cute", types.ModuleType("flash_attn.cute")),
+                         ("flash_attn.cute.interface", interface)):
+        monkeypatch.setitem(sys.modules, name, module)
+    tg.configure_attention("fa4", "sdpa_mask")
+    yield
+    tg.configure_attention("sdpa_math")
+
+
+def qkv(B=2, T=24, H=4, Hkv=2, D=8):
+    g = torch.Generator().manual_seed(0)
+    # q as a non-contiguous view, as the model's projections make it
+    q = torch.randn(B, T, D, H, generator=g).transpose(2, 3).requires_grad_()
+    k, v = (torch.randn(B, T, Hkv, D, generator=g).requires_grad_() for _ in range(2))
+    return q, k, v
+
+
+def grads(fn, q, k, v):
+    out = fn(q, k, v)
+    dq, dk, dv = torch.autograd.grad(out.square().sum(), (q, k, v))
+    return out.detach(), dq, dk, dv
+
+
+def test_fa4_backend_matches_reference_attention(fa4):
+    q, k, v = qkv()
+    got, want = grads(tg.causal_attention, q, k, v), grads(reference, q, k, v)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_fa4_backend_compiles_into_one_graph(fa4):
+    q, k, v = qkv()
+    counter = CompileCounter()
+    compiled = torch.compile(lambda q, k, v: tg.causal_attention(q, k, v) * 2.0, backend=counter, fullgraph=True)
+    got = grads(compiled, q, k, v)
+    want = grads(lambda q, k, v: reference(q, k, v) * 2.0, q, k, v)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert counter.frame_count == 1
