@@ -100,6 +100,7 @@ class Hyperparameters:
     rope_dims: int = 16
     qk_gain_init: float = 5.25
     logit_softcap: float = 30.0
+    attention_backend: str = "auto"  # auto: FA3, else FA4, else the fastest SDPA (timed); or fa3, fa4, sdpa_cudnn, ...
     fused_ce: int = 1  # training loss by the fused Triton kernels (CUDA); the eager CE where Triton is missing
     fused_mlp: int = 1  # training MLP by the fused Triton GEMM + LeakyReLU² kernels (CUDA); else the module path
     xsa_last_n: int = 11
@@ -248,6 +249,8 @@ def validate_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
                       "rescaled for positions the model never trained on")
     if hp.eval_stride <= 0 or hp.eval_stride > hp.eval_seq_len:
         errors.append(f"EVAL_STRIDE={hp.eval_stride} must be in 1..EVAL_SEQ_LEN={hp.eval_seq_len}")
+    if hp.attention_backend not in ATTENTION_BACKENDS:
+        errors.append(f"ATTENTION_BACKEND={hp.attention_backend!r}: use one of {', '.join(ATTENTION_BACKENDS)}")
     if hp.ttt_mode not in ("score_first", "lora_phased"):
         errors.append(f"TTT_MODE={hp.ttt_mode!r}: use score_first or lora_phased")
     if hp.ttt_batch_size < 2 or hp.ttt_lora_rank < 1 or not 1 <= hp.ttt_chunk_size <= hp.eval_seq_len:
@@ -818,7 +821,7 @@ def fa4_causal(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 
 def _fa4_usable() -> bool:
-    if torch.cuda.get_device_capability()[0] < 9:  # its Ampere path has no backward
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:  # its Ampere path has no backward
         return False
     # Its kernels compile on first use in each process (~20 s on an H100): keep them on disk for the next run.
     os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
@@ -829,15 +832,27 @@ def _fa4_usable() -> bool:
     return True
 
 
+ATTENTION_BACKENDS = ("auto", "fa3", "fa4", *SDPA_BACKENDS)  # what ATTENTION_BACKEND may name
 ATTENTION_BACKEND = None  # chosen once per process by configure_attention()
 DOC_ATTENTION_BACKEND = None  # likewise, for document-isolated training attention (DOC_ATTENTION below)
 _FLEX_ATTENTION = None  # flex_attention, wrapped in torch.compile on CUDA by configure_attention
 
 
 def configure_attention(backend: str | None = None, doc_backend: str | None = None) -> str:
-    """Choose the dense backend and the document-isolated one; returns the dense backend's name."""
+    """Choose the dense backend (None or 'auto': pick one) and the document-isolated one; returns the dense one."""
     global ATTENTION_BACKEND, DOC_ATTENTION_BACKEND, _FLEX_ATTENTION
-    ATTENTION_BACKEND = backend or _pick_attention_backend()
+    if backend == "fa4" and not _fa4_usable():
+        raise RuntimeError("ATTENTION_BACKEND=fa4 needs a Hopper or newer GPU and `import flash_attn.cute` to work "
+                           "(pip install flash-attn-4: README, Dependencies); or use ATTENTION_BACKEND=auto")
+    if backend in SDPA_BACKENDS and not torch.cuda.is_available():
+        raise RuntimeError(f"ATTENTION_BACKEND={backend} needs CUDA; on CPU use ATTENTION_BACKEND=auto")
+    if backend == "fa3":
+        try:
+            import flash_attn_interface  # noqa: F401
+        except ImportError as e:
+            raise RuntimeError("ATTENTION_BACKEND=fa3 needs FlashAttention-3's flash_attn_interface, which did not "
+                               "import; or use ATTENTION_BACKEND=auto") from e
+    ATTENTION_BACKEND = _pick_attention_backend() if backend in (None, "auto") else backend
     DOC_ATTENTION_BACKEND = doc_backend or _pick_doc_attention_backend()
     if DOC_ATTENTION_BACKEND == "flex":
         from torch.nn.attention.flex_attention import flex_attention
@@ -3748,7 +3763,7 @@ def main() -> None:
     ctx.log(f"train_shards: {len(train_files)}")
     ctx.log(f"val_tokens: {val_tokens.numel() - 1}")
     gpu = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu"
-    dense = configure_attention()
+    dense = configure_attention(hp.attention_backend)
     STARTUP.mark("attention_probe")
     ctx.log(f"world_size:{ctx.world_size} device:{gpu} torch:{torch.__version__} python:{sys.version.split()[0]} "
             f"attention:{dense} doc_attention:{DOC_ATTENTION_BACKEND if hp.doc_isolated_attn else 'off'}")
@@ -3760,7 +3775,8 @@ def main() -> None:
     ctx.log(f"val_byte_accounting: {'per-token byte sidecars fineweb_val_bytes_*' if sidecar else 'tokenizer piece table'}")
     tables = byte_tables.to(ctx.device)
     summary = dict(seed=hp.seed, run_id=hp.run_id, world_size=ctx.world_size, gpu=gpu, torch_version=torch.__version__,
-                   python_version=sys.version.split()[0], hyperparameters=dataclasses.asdict(hp), evals={})
+                   python_version=sys.version.split()[0], attention=dense, hyperparameters=dataclasses.asdict(hp),
+                   evals={})
     script = os.path.abspath(__file__)
     artifact_path = hp.artifact_path if hp.eval_only else os.path.join(hp.artifact_dir, "final_model.int6.ptz")
     if hp.eval_only:

@@ -129,7 +129,7 @@ def main():
     args = ap.parse_args()
     assert torch.cuda.is_available(), "bench/block.py needs a GPU"
     hp = tg.load_hyperparameters()
-    tg.configure_attention()
+    tg.configure_attention(hp.attention_backend)
     torch.manual_seed(0)
     model = tg.build_model(hp, torch.device("cuda"))
     with torch.no_grad():  # trained-like scales: zero-initialized projections would hide the attention/MLP paths

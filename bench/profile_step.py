@@ -118,7 +118,7 @@ def main():
     tg.validate_hyperparameters(hp, 1)
     train_files, *_ = tg.prepare_data(hp, 0)
     ctx = tg.setup_distributed()
-    backend = tg.configure_attention()
+    backend = tg.configure_attention(hp.attention_backend)
     tg.seed_everything(hp.seed)
     trainer = tg.Trainer(hp, ctx, tg.build_model(hp, ctx.device), train_files)
     t0 = time.perf_counter()

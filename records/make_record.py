@@ -786,8 +786,13 @@ def render_readme(rec: Record) -> str:
         lines += [f"Runs made from commit `{rec.run_info.get('git_commit', '?')}`"
                   + (" (with uncommitted changes to the script)" if rec.run_info.get("git_dirty") else "")
                   + f" with `{rec.run_info.get('command', './run.sh')}`.", ""]
+    attention = sorted({str(r.get("attention")) for r in done if r.get("attention")})
     lines += ["Software: Python " + ", ".join(sorted({str(r.get('python_version')) for r in done}))
-              + ", PyTorch " + sub["pytorch_version"] + ".", ""]
+              + ", PyTorch " + sub["pytorch_version"] + (", attention " + ", ".join(attention) if attention else "")
+              + ".", ""]
+    if "fa4" in attention:
+        lines += ["The runs used FlashAttention-4: install it as the repository README says (Dependencies) to train "
+                  "at their speed; without it the script falls back to PyTorch's attention.", ""]
 
     lines += ["## Included files", "",
               "- `train_gpt.py` — the training script, LZMA/base85 self-extracting (runs from this folder)",

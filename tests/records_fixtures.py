@@ -82,7 +82,7 @@ def write_seed(seed_dir, seed: int, *, losses=None, steps: int = 4550, artifact_
     final = evals[LABELS[-1]]
     summary = {
         "seed": seed, "run_id": f"fixture_seed{seed}", "world_size": world_size, "gpu": gpu,
-        "torch_version": "2.9.1+cu128", "python_version": "3.11.9", "steps": steps, "train_time_s": train_time_s,
+        "torch_version": "2.9.1+cu128", "python_version": "3.11.9", "attention": "fa4", "steps": steps, "train_time_s": train_time_s,
         "gptq_hessian_s": 11.0, "looping_enabled_step": 2018, "artifact_bytes": artifact_bytes,
         "code_bytes": code_bytes, "total_bytes": total, "size_cap_ok": total <= 16_000_000, "evals": evals,
         "eval_time_s": round(sum(eval_times), 3), "final_label": LABELS[-1], "val_loss": final["val_loss"],

@@ -1,4 +1,4 @@
-"""The FA4 attention backend's wiring: custom ops, their autograd and torch.compile, on CPU.
+"""The FA4 attention backend's wiring (custom ops, their autograd and torch.compile, on CPU), and ATTENTION_BACKEND.
 
 FlashAttention-4's kernels only run on a GPU (bench/attention.py times and checks them there). Here a stand-in module
 with its two entry points' signatures and return conventions computes them in plain torch, so what is tested is
@@ -58,6 +58,7 @@ def fa4(monkeypatch):
                          ("flash_attn.cute", types.ModuleType("flash_attn.cute")),
                          ("flash_attn.cute.interface", interface)):
         monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(tg, "_fa4_usable", lambda: True)  # it wants a Hopper GPU
     tg.configure_attention("fa4", "sdpa_mask")
     yield
     tg.configure_attention("sdpa_math")
@@ -93,3 +94,23 @@ def test_fa4_backend_compiles_into_one_graph(fa4):
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     assert counter.frame_count == 1
+
+
+def test_attention_backend_names_are_checked_before_any_work():
+    hp = tg.load_hyperparameters({"SMOKE": "1", "ATTENTION_BACKEND": "flash3"})
+    with pytest.raises(SystemExit, match="ATTENTION_BACKEND='flash3': use one of auto, fa3, fa4, sdpa_cudnn"):
+        tg.validate_hyperparameters(hp, 1)
+    tg.validate_hyperparameters(tg.load_hyperparameters({"SMOKE": "1", "ATTENTION_BACKEND": "fa4"}), 1)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusals on a machine without a GPU")
+def test_a_named_backend_that_cannot_run_here_says_how_to_fix_it():
+    """This machine has no GPU: FA4 and the CUDA-only SDPA backends are refused with the way out, auto works."""
+    try:
+        with pytest.raises(RuntimeError, match="pip install flash-attn-4"):
+            tg.configure_attention("fa4")
+        with pytest.raises(RuntimeError, match="ATTENTION_BACKEND=sdpa_cudnn needs CUDA"):
+            tg.configure_attention("sdpa_cudnn")
+        assert tg.configure_attention("auto") == "sdpa_math"
+    finally:
+        tg.configure_attention("sdpa_math")

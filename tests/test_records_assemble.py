@@ -54,7 +54,7 @@ def test_assemble_complete_folder(tmp_path):
     for text in ("| 42 | 4550 | 1.08734789 |", "Causal", "Normalized distribution", "Score before update",
                  "Single pass", "## Reproduction", "cached_challenge_fineweb.py --variant sp8192",
                  "SEEDS=42,314,999 NAME=Fixture ./run.sh", "QK_GAIN_INIT=5.25", "**significant**",
-                 "loss_curves.png"):
+                 "loss_curves.png", "PyTorch 2.9.1+cu128, attention fa4.", "The runs used FlashAttention-4"):
         assert text in readme, text
 
 
