@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import functools
 import glob
+import importlib.util
 import io
 import json
 import lzma
@@ -21,6 +22,7 @@ import random
 import struct
 import sys
 import tempfile
+import threading
 import time
 
 PROCESS_START = time.time()  # before the heavy imports: launch -> first timed step includes them
@@ -775,13 +777,53 @@ def _pick_attention_backend() -> str:
 
 # FlashAttention-4 (PyPI flash-attn-4: CuTe DSL kernels, Hopper included), as custom ops so that torch.compile keeps a
 # block one graph around it: its own autograd.Function would break the graph. Imported on first call.
-@torch.library.custom_op("pgolf::fa4_causal", mutates_args=())
-def _fa4_causal_op(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+def _fa4_forward(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     """(out [B, T, H, D], lse [B, H, T] fp32) of contiguous q [B, T, H, D], k, v [B, T, Hkv, D]."""
     from flash_attn.cute.interface import _flash_attn_fwd
 
     out, lse = _flash_attn_fwd(q, k, v, causal=True, return_lse=True)[:2]
     return out, lse
+
+
+def _fa4_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor):
+    from flash_attn.cute.interface import _flash_attn_bwd
+
+    dq, dk, dv = _flash_attn_bwd(q, k, v, out, dout, lse, causal=True)[:3]
+    return dq, dk, dv
+
+
+_FA4_WARMUP = None  # the thread of start_fa4_warmup
+
+
+def start_fa4_warmup(hp: Hyperparameters, device: torch.device) -> None:
+    """FA4 takes seconds to import and compiles each kernel on its first call (19 s for forward and backward on a
+    fresh H100): do both on a thread, with the model's head layout, while the main thread builds the model and traces
+    its graphs. The first real call waits for it."""
+    global _FA4_WARMUP
+    D = hp.model_dim // hp.num_heads
+
+    def warm():
+        with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
+            # 8 rows of the training length: a grid as wide as training's, so FA4 picks the same kernel variant
+            q = torch.zeros(8, hp.train_seq_len, hp.num_heads, D, device=device, dtype=torch.bfloat16)
+            k = torch.zeros(8, hp.train_seq_len, hp.num_kv_heads, D, device=device, dtype=torch.bfloat16)
+            out, lse = _fa4_forward(q, k, k)
+            _fa4_backward(out, q, k, k, out, lse)
+
+    _FA4_WARMUP = threading.Thread(target=warm, name="fa4_warmup", daemon=True)
+    _FA4_WARMUP.start()
+
+
+def _fa4_wait() -> None:
+    """FA4's kernel cache is not meant for two threads compiling at once: the first real call joins the warm-up."""
+    if _FA4_WARMUP is not None:
+        _FA4_WARMUP.join()
+
+
+@torch.library.custom_op("pgolf::fa4_causal", mutates_args=())
+def _fa4_causal_op(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    _fa4_wait()
+    return _fa4_forward(q, k, v)
 
 
 @_fa4_causal_op.register_fake
@@ -793,10 +835,8 @@ def _fa4_causal_fake(q, k, v):
 @torch.library.custom_op("pgolf::fa4_causal_backward", mutates_args=())
 def _fa4_causal_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                             lse: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    from flash_attn.cute.interface import _flash_attn_bwd
-
-    dq, dk, dv = _flash_attn_bwd(q, k, v, out, dout, lse, causal=True)[:3]
-    return dq, dk, dv
+    _fa4_wait()
+    return _fa4_backward(dout, q, k, v, out, lse)
 
 
 @_fa4_causal_backward_op.register_fake
@@ -825,11 +865,10 @@ def _fa4_usable() -> bool:
         return False
     # Its kernels compile on first use in each process (~20 s on an H100): keep them on disk for the next run.
     os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
-    try:
-        import flash_attn.cute.interface  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    # Found, not imported: the import takes seconds, and start_fa4_warmup does it on a thread.
+    spec = importlib.util.find_spec("flash_attn")
+    return spec is not None and any(Path(p, "cute", "interface.py").is_file()
+                                    for p in spec.submodule_search_locations or ())
 
 
 ATTENTION_BACKENDS = ("auto", "fa3", "fa4", *SDPA_BACKENDS)  # what ATTENTION_BACKEND may name
@@ -3764,6 +3803,8 @@ def main() -> None:
     ctx.log(f"val_tokens: {val_tokens.numel() - 1}")
     gpu = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu"
     dense = configure_attention(hp.attention_backend)
+    if dense == "fa4":
+        start_fa4_warmup(hp, ctx.device)
     STARTUP.mark("attention_probe")
     ctx.log(f"world_size:{ctx.world_size} device:{gpu} torch:{torch.__version__} python:{sys.version.split()[0]} "
             f"attention:{dense} doc_attention:{DOC_ATTENTION_BACKEND if hp.doc_isolated_attn else 'off'}")

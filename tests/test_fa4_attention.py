@@ -114,3 +114,26 @@ def test_a_named_backend_that_cannot_run_here_says_how_to_fix_it():
         assert tg.configure_attention("auto") == "sdpa_math"
     finally:
         tg.configure_attention("sdpa_math")
+
+
+def test_warmup_thread_compiles_the_models_head_layout_before_the_first_call(fa4, monkeypatch):
+    interface = sys.modules["flash_attn.cute.interface"]
+    calls = []
+
+    def recording(name, real):
+        def call(q, k, *args, **kwargs):
+            calls.append((name, tuple(q.shape), tuple(k.shape)))
+            return real(q, k, *args, **kwargs)
+        return call
+
+    for name in ("_flash_attn_fwd", "_flash_attn_bwd"):
+        monkeypatch.setattr(interface, name, recording(name, getattr(interface, name)))
+    hp = tg.load_hyperparameters({"SMOKE": "1"})
+    tg.start_fa4_warmup(hp, torch.device("cpu"))
+    q, k, v = qkv(H=hp.num_heads, Hkv=hp.num_kv_heads, D=hp.model_dim // hp.num_heads)
+    grads(tg.causal_attention, q, k, v)  # joins the warm-up first
+    assert not tg._FA4_WARMUP.is_alive()
+    shapes = ((8, hp.train_seq_len, hp.num_heads, hp.model_dim // hp.num_heads),
+              (8, hp.train_seq_len, hp.num_kv_heads, hp.model_dim // hp.num_heads))
+    assert calls[:2] == [("_flash_attn_fwd", *shapes), ("_flash_attn_bwd", *shapes)]
+    assert [c[0] for c in calls[2:]] == ["_flash_attn_fwd", "_flash_attn_bwd"]
