@@ -903,10 +903,12 @@ def configure_attention(backend: str | None = None, doc_backend: str | None = No
     return ATTENTION_BACKEND
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, doc_mask=None) -> Tensor:
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, doc_mask=None, many_shapes: bool = False) -> Tensor:
     """q: [B, T, H, D]; k, v: [B, T, Hkv, D] -> [B, T, H, D]. GQA without materializing repeated K/V.
 
-    With doc_mask (document_mask(ids) of this forward) a token attends only to earlier tokens of its own document."""
+    With doc_mask (document_mask(ids) of this forward) a token attends only to earlier tokens of its own document.
+    many_shapes (the LoRA adapter steps, thousands of (rows, length) shapes): FA4, which picks and compiles kernel
+    variants by shape and was not measured there, gives way to SDPA (flash, by _lora_sdpa_context)."""
     if doc_mask is not None:
         return DOC_ATTENTION[DOC_ATTENTION_BACKEND][1](q, k, v, doc_mask)
     if ATTENTION_BACKEND == "fa3":
@@ -914,7 +916,7 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, doc_mask=None) -> Tensor:
 
         out = flash_attn_interface.flash_attn_func(q, k, v, causal=True)
         return out[0] if isinstance(out, tuple) else out
-    if ATTENTION_BACKEND == "fa4":
+    if ATTENTION_BACKEND == "fa4" and not many_shapes:
         return fa4_causal(q, k, v)
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
                                        enable_gqa=True)
@@ -1106,7 +1108,7 @@ class Attention(nn.Module):
         v = v.view(B, T, self.num_kv_heads, self.head_dim)
         q, k = self.rotary(rms_norm(q)), self.rotary(rms_norm(k))  # QK-norm, then partial RoPE
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
-        y = causal_attention(q, k, v, doc_mask)
+        y = causal_attention(q, k, v, doc_mask, many_shapes=lora is not None)
         if self.xsa:
             y = exclusive_self_attention(y, v)
         if self.attn_gate_w is not None:
@@ -3161,8 +3163,9 @@ def _lora_chunk_losses(model: GPT, lora: BatchedLoRA, x: Tensor, sel: Tensor, y_
 
 def _lora_sdpa_context():
     """cuDNN attention builds a plan for every new shape (tens of ms each), and the adapter steps run thousands of
-    (rows, length) shapes: they use PyTorch's flash kernel instead. FA3, FA4 and the CPU path are unchanged."""
-    if ATTENTION_BACKEND == "sdpa_cudnn":
+    (rows, length) shapes: they use PyTorch's flash kernel instead, as with FA4 (causal_attention's many_shapes).
+    FA3 and the CPU path are unchanged."""
+    if ATTENTION_BACKEND in ("sdpa_cudnn", "fa4"):
         return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])
     return sdpa_context()
 

@@ -137,3 +137,36 @@ def test_warmup_thread_compiles_the_models_head_layout_before_the_first_call(fa4
               (8, hp.train_seq_len, hp.num_kv_heads, hp.model_dim // hp.num_heads))
     assert calls[:2] == [("_flash_attn_fwd", *shapes), ("_flash_attn_bwd", *shapes)]
     assert [c[0] for c in calls[2:]] == ["_flash_attn_fwd", "_flash_attn_bwd"]
+
+
+def test_lora_adapter_steps_leave_fa4_for_sdpa(fa4, monkeypatch):
+    """Their thousands of shapes would each pick (and may compile) an FA4 kernel variant: they take SDPA."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("FA4 called for a LoRA adapter step")
+
+    monkeypatch.setattr(sys.modules["flash_attn.cute.interface"], "_flash_attn_fwd", refuse)
+    q, k, v = qkv()
+    got, want = grads(lambda *t: tg.causal_attention(*t, many_shapes=True), q, k, v), grads(reference, q, k, v)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    with pytest.raises(AssertionError, match="FA4 called"):
+        tg.causal_attention(q, k, v)
+
+
+def test_the_model_passes_lora_forwards_as_many_shapes(fa4, monkeypatch):
+    hp = tg.load_hyperparameters({"SMOKE": "1"})
+    torch.manual_seed(0)
+    model = tg.build_model(hp, torch.device("cpu"))
+    ids = torch.randint(0, hp.vocab_size, (2, 32))
+    plain = model.hidden(ids)  # FA4 (the stand-in) serves the plain forward
+    seen = []
+
+    def recording(q, k, v, doc_mask=None, many_shapes=False):
+        seen.append(many_shapes)
+        return torch.zeros_like(q)
+
+    monkeypatch.setattr(tg, "causal_attention", recording)
+    model.hidden(ids)
+    model.hidden(ids, lora=tg.BatchedLoRA(model, hp, torch.device("cpu")).rows(2))
+    layers = len(seen) // 2
+    assert plain.isfinite().all() and seen == [False] * layers + [True] * layers
