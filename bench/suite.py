@@ -6,8 +6,9 @@
 
 Data come from the usual variables (DATA_PATH, TOKENIZER_PATH, VAL_FILES). Fixed settings, so runs compare: the
 default model configuration, MAX_WALLCLOCK_SECONDS=--budget (300), TRAIN_LOG_EVERY=10, VAL_LOSS_EVERY=0, and fresh
-TorchInductor/Triton caches (every run compiles from scratch, as on a fresh pod; pass TORCHINDUCTOR_CACHE_DIR=...
-TRITON_CACHE_DIR=... to reuse one). ENV=VALUE arguments override any of these.
+TorchInductor/Triton/FA4 kernel caches (every run compiles from scratch, as on a fresh pod; pass
+TORCHINDUCTOR_CACHE_DIR=... TRITON_CACHE_DIR=... FLASH_ATTENTION_CUTE_DSL_CACHE_DIR=... to reuse one). ENV=VALUE
+arguments override any of these.
 
 Writes $OUT/<name>.json and $OUT/<name>/ (train.log, metrics.jsonl, summary.json, console.log) and prints a table:
   training     tok/s per GPU and ms/step before and after looping switches on (from consecutive metrics records),
@@ -381,7 +382,8 @@ def run_env(args, artifact_dir: Path, cache_dir: str) -> dict:
     """Fixed settings, then the budget, then the ENV=VALUE arguments (which win)."""
     return {**os.environ, **FIXED_ENV, "MAX_WALLCLOCK_SECONDS": str(args.budget), "ARTIFACT_DIR": str(artifact_dir),
             "RUN_ID": args.name, "TORCHINDUCTOR_CACHE_DIR": os.path.join(cache_dir, "inductor"),
-            "TRITON_CACHE_DIR": os.path.join(cache_dir, "triton"), **settings(args)}
+            "TRITON_CACHE_DIR": os.path.join(cache_dir, "triton"),
+            "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR": os.path.join(cache_dir, "fa4"), **settings(args)}
 
 
 def main(argv=None) -> None:

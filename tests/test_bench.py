@@ -1,4 +1,5 @@
 """bench/suite.py: FLOP counting by hand, and the parser against a real SMOKE run of train_gpt.py (catches log drift)."""
+import argparse
 import dataclasses
 import json
 import os
@@ -153,6 +154,15 @@ def test_deadline_stops_the_run_and_still_writes_results(tmp_path, smoke_data):
     result = json.loads((tmp_path / "smoke.json").read_text())
     assert result["run"]["finished"] is False and result["run"]["returncode"] != 0
     assert result["run"]["wall_s"] < 30
+
+
+def test_every_kernel_cache_is_fresh_unless_an_argument_names_one(tmp_path):
+    args = argparse.Namespace(budget=60.0, name="x", env=[])
+    env = suite.run_env(args, tmp_path / "run", str(tmp_path / "cache"))
+    caches = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR")
+    assert all(env[k].startswith(str(tmp_path / "cache")) for k in caches) and len({env[k] for k in caches}) == 3
+    args.env = ["FLASH_ATTENTION_CUTE_DSL_CACHE_DIR=/kept"]
+    assert suite.run_env(args, tmp_path / "run", str(tmp_path / "cache"))["FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"] == "/kept"
 
 
 def test_graphs_compiled_on_the_eval_clock_are_counted():
