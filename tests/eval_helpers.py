@@ -57,7 +57,7 @@ def make_model(hp: tg.Hyperparameters, seed: int = 0) -> tg.GPT:
     return model
 
 
-def lookahead_attention(q, k, v, doc_mask=None):
+def lookahead_attention(q, k, v, doc_mask=None, many_shapes=False):
     """The model's attention without its causal mask: the deliberately leaky model of a negative control."""
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), enable_gqa=True)
     return y.transpose(1, 2)
