@@ -738,12 +738,8 @@ SDPA_BACKENDS = {"sdpa_cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa_flash": SDPBack
 def _pick_attention_backend() -> str:
     """FA3 if importable, else FA4 if importable on Hopper or newer; else on CUDA the fastest SDPA backend that does
     GQA natively (timed); 'math' on CPU."""
-    try:
-        import flash_attn_interface  # noqa: F401
-
+    if _fa3_importable():
         return "fa3"
-    except ImportError:
-        pass
     if not torch.cuda.is_available():
         return "sdpa_math"
     # FA4 is not in the timed race, which picked cuDNN over it: at the probe's size its per-call host work (Python)
@@ -861,6 +857,14 @@ def fa4_causal(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return torch.ops.pgolf.fa4_causal(q.contiguous(), k.contiguous(), v.contiguous())[0]
 
 
+def _fa3_importable() -> bool:
+    try:
+        import flash_attn_interface  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _fa4_usable() -> bool:
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:  # its Ampere path has no backward
         return False
@@ -886,12 +890,9 @@ def configure_attention(backend: str | None = None, doc_backend: str | None = No
                            "(pip install flash-attn-4: README, Dependencies); or use ATTENTION_BACKEND=auto")
     if backend in SDPA_BACKENDS and not torch.cuda.is_available():
         raise RuntimeError(f"ATTENTION_BACKEND={backend} needs CUDA; on CPU use ATTENTION_BACKEND=auto")
-    if backend == "fa3":
-        try:
-            import flash_attn_interface  # noqa: F401
-        except ImportError as e:
-            raise RuntimeError("ATTENTION_BACKEND=fa3 needs FlashAttention-3's flash_attn_interface, which did not "
-                               "import; or use ATTENTION_BACKEND=auto") from e
+    if backend == "fa3" and not _fa3_importable():
+        raise RuntimeError("ATTENTION_BACKEND=fa3 needs FlashAttention-3's flash_attn_interface, which did not import; "
+                           "or use ATTENTION_BACKEND=auto")
     ATTENTION_BACKEND = _pick_attention_backend() if backend in (None, "auto") else backend
     DOC_ATTENTION_BACKEND = doc_backend or _pick_doc_attention_backend()
     if DOC_ATTENTION_BACKEND == "flex":

@@ -229,13 +229,7 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     args = ap.parse_args()
     assert torch.cuda.is_available(), "bench/attention.py needs a GPU"
-    try:
-        import flash_attn_interface  # noqa: F401
-
-        fa3 = True
-    except ImportError:
-        fa3 = False
-    fa4 = tg._fa4_usable()
+    fa3, fa4 = tg._fa3_importable(), tg._fa4_usable()
     wanted = [c for c in args.cases.split(",") if c]
     rng = np.random.default_rng(0)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "fa3": fa3, "fa4": fa4,
