@@ -129,6 +129,7 @@ def test_warmup_thread_compiles_the_models_head_layout_before_the_first_call(fa4
     for name in ("_flash_attn_fwd", "_flash_attn_bwd"):
         monkeypatch.setattr(interface, name, recording(name, getattr(interface, name)))
     hp = tg.load_hyperparameters({"SMOKE": "1"})
+    monkeypatch.setattr(tg, "_FA4_WARMUP", None)  # restored after the test: later tests see no warm-up thread
     tg.start_fa4_warmup(hp, torch.device("cpu"))
     q, k, v = qkv(H=hp.num_heads, Hkv=hp.num_kv_heads, D=hp.model_dim // hp.num_heads)
     grads(tg.causal_attention, q, k, v)  # joins the warm-up first
