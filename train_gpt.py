@@ -1084,6 +1084,23 @@ def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
     return (yg - coef * vg).to(y.dtype).view(B, T, H, D)
 
 
+def scaled(x: Tensor, scale: Tensor | None) -> Tensor:
+    return x if scale is None else scale.to(x.dtype) * x
+
+
+def scaled_weight(linear: nn.Linear, scale: Tensor | None) -> Tensor:
+    return linear.weight if scale is None else scale[:, None] * linear.weight
+
+
+def scaled_projection(linear: nn.Linear, x: Tensor, scale: Tensor | None, fold: bool) -> Tensor:
+    """scale ⊙ linear(x) (no bias). Folded, one GEMM with diag(scale)·W: the same function, with one rounding fewer,
+    and scale's gradient comes from the small weight gradient instead of a reduction over every token (a kernel per
+    block call that read two activations). Not folded while GPTQ calibration hooks the module's call."""
+    if fold:
+        return F.linear(x, scaled_weight(linear, scale).to(x.dtype))
+    return scaled(linear(x), scale)
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int, rope_dims: int, rope_base: float,
                  qk_gain_init: float, xsa: bool, max_len: int, gate: bool = False):
@@ -1099,8 +1116,9 @@ class Attention(nn.Module):
         # Sparse head-output gate: g[t, h] = sigmoid(<W_h, u_t[:12]>); zeros make every gate 0.5 at the start.
         self.attn_gate_w = nn.Parameter(torch.zeros(num_heads, ATTN_GATE_WINDOW)) if gate else None
 
-    def forward(self, u: Tensor, doc_mask=None, lora=None, qkv=None) -> Tensor:
-        """qkv: the c_q, c_k, c_v outputs for u when the caller computed them (the block's fused GEMM)."""
+    def forward(self, u: Tensor, doc_mask=None, lora=None, qkv=None, out_scale=None, fold: bool = False) -> Tensor:
+        """qkv: the c_q, c_k, c_v outputs for u when the caller computed them (the block's fused GEMM). out_scale:
+        the block's attn_scale, applied to the output (folded into proj's weight with fold: scaled_projection)."""
         B, T, _ = u.shape
         q, k, v = qkv if qkv is not None else (self.c_q(u), self.c_k(u), self.c_v(u))
         if lora is not None:  # test-time LoRA (section 7): per-sequence low-rank corrections, all read from u
@@ -1116,8 +1134,8 @@ class Attention(nn.Module):
         if self.attn_gate_w is not None:
             gate = torch.sigmoid(F.linear(u[..., :ATTN_GATE_WINDOW], self.attn_gate_w.to(u.dtype)))
             y = y * gate.to(y.dtype)[..., None]
-        out = self.proj(y.reshape(B, T, -1))
-        return out if lora is None else out + lora("o", u)
+        out = scaled_projection(self.proj, y.reshape(B, T, -1), out_scale, fold)
+        return out if lora is None else out + scaled(lora("o", u), out_scale)
 
 
 class MLP(nn.Module):
@@ -1136,11 +1154,14 @@ class MLP(nn.Module):
         return (self.fused and lora is None and torch.is_grad_enabled() and aligned
                 and fused_kernels_supported(u.device, tma=True))
 
-    def forward(self, u: Tensor, lora=None, fc_out=None) -> Tensor:
+    def forward(self, u: Tensor, lora=None, fc_out=None, out_scale=None, fold: bool = False) -> Tensor:
+        """out_scale (the block's mlp_scale) and fold: as in Attention.forward. The fused kernels always fold: they
+        take the weights, not the modules."""
         if fc_out is None and self.runs_fused(u, lora):
-            return leaky_relu_sq_mlp(u, self.fc.weight.to(u.dtype), self.proj.weight.to(u.dtype))
-        out = self.proj(F.leaky_relu(self.fc(u) if fc_out is None else fc_out, 0.5).square())
-        return out if lora is None else out + lora("mlp", u)
+            return leaky_relu_sq_mlp(u, self.fc.weight.to(u.dtype), scaled_weight(self.proj, out_scale).to(u.dtype))
+        h = F.leaky_relu(self.fc(u) if fc_out is None else fc_out, 0.5).square()
+        out = scaled_projection(self.proj, h, out_scale, fold)
+        return out if lora is None else out + scaled(lora("mlp", u), out_scale)
 
 
 class Block(nn.Module):
@@ -1158,7 +1179,9 @@ class Block(nn.Module):
         # compile its own; a tensor is a graph input. Not persistent: the state dict and the artifact are unchanged.
         self.register_buffer("ln_scale", torch.tensor(1.0 / math.sqrt(layer + 1)), persistent=False)
         self.parallel = 0 <= hp.parallel_residual_start <= layer  # structural: one compiled graph per value
-        self.fuse_input_projections = True  # off while GPTQ calibration hooks each linear's input
+        # Off while GPTQ calibration hooks each linear's input: then every linear is called as its module, neither
+        # sharing a GEMM (_input_projections) nor with a branch scale folded in (scaled_projection).
+        self.fused_linears = True
 
     def _norm(self, x: Tensor) -> Tensor:
         # The product in fp32, then rounded once, as a Python-float factor is applied (a bf16 multiply would round
@@ -1179,15 +1202,15 @@ class Block(nn.Module):
         u = self._norm(x)
         fc_shares_gemm = self.parallel and not self.mlp.runs_fused(u, lora)  # the fused MLP does its own fc
         fused = None
-        if self.fuse_input_projections:
+        if self.fused_linears:
             fused = self._input_projections(u, (self.attn.c_q, self.attn.c_k, self.attn.c_v)
                                             + ((self.mlp.fc,) if fc_shares_gemm else ()))
-        attn_out = self.attn(u, doc_mask, lora, None if fused is None else fused[:3])
+        fold = self.fused_linears  # the branch scales into the output projections
+        x_attn = x + self.attn(u, doc_mask, lora, None if fused is None else fused[:3], self.attn_scale, fold)
         if self.parallel:  # GPT-J style: attention and MLP read the same normalized input
-            mlp_out = self.mlp(u, lora, fused[3] if fused is not None and fc_shares_gemm else None)
-            return x + self.attn_scale.to(x.dtype) * attn_out + self.mlp_scale.to(x.dtype) * mlp_out
-        x = x + self.attn_scale.to(x.dtype) * attn_out
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(self._norm(x), lora)
+            fc_out = fused[3] if fused is not None and fc_shares_gemm else None
+            return x_attn + self.mlp(u, lora, fc_out, self.mlp_scale, fold)
+        return x_attn + self.mlp(self._norm(x_attn), lora, None, self.mlp_scale, fold)
 
 
 def layer_schedule(num_layers: int, loop_start: int, loop_end: int, num_loops: int, looping: bool):
@@ -2060,7 +2083,7 @@ def collect_hessians(model: nn.Module, batches) -> tuple[dict[str, Tensor], floa
     handles = [m.register_forward_hook(hook) for m in sources]
     blocks = [m for m in model.modules() if isinstance(m, Block)]
     for b in blocks:  # each linear called on its own, so that its hook sees its input
-        b.fuse_input_projections = False
+        b.fused_linears = False
     was_training = model.training
     model.eval()
     n_batches = 0
@@ -2072,7 +2095,7 @@ def collect_hessians(model: nn.Module, batches) -> tuple[dict[str, Tensor], floa
         for h in handles:
             h.remove()
         for b in blocks:
-            b.fuse_input_projections = True
+            b.fused_linears = True
         model.train(was_training)
         last.clear()
     if n_batches == 0:

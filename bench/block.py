@@ -67,7 +67,7 @@ def patch(cls, name, fn):
 
 def unfused_projections(model):
     for b in model.blocks:
-        b.fuse_input_projections = False
+        b.fused_linears = False
 
 
 def unfused_mlp(model):
@@ -148,7 +148,7 @@ def main():
         for cls, fn in originals.items():
             cls.forward = fn
         for b in model.blocks:
-            b.fuse_input_projections, b.mlp.fused = True, bool(hp.fused_mlp)
+            b.fused_linears, b.mlp.fused = True, bool(hp.fused_mlp)
         VARIANTS[variant](model)
         torch._dynamo.reset()
         tg._COMPILED_REGIONS.clear()

@@ -388,7 +388,7 @@ def test_real_gpt_calibrate_quantize_pack_load(small_threshold):
     H, _ = tg.collect_hessians(model, [(s[:, :-1], s[:, 1:]) for s in seqs])
     linears = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.weight.numel() > 1024}
     assert set(H) == linears | {"tok_emb.weight"}  # parallel blocks calibrate each linear, not their fused GEMM
-    assert all(b.fuse_input_projections for b in model.blocks)  # and fuse again afterwards
+    assert all(b.fused_linears for b in model.blocks)  # and fuse again afterwards
     last = config.num_layers - 1  # a parallel-residual layer: attention and MLP read one input, so one Hessian
     assert torch.equal(H[f"blocks.{last}.attn.c_q.weight"], H[f"blocks.{last}.mlp.fc.weight"])
     sd = model.state_dict()
