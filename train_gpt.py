@@ -785,7 +785,7 @@ def _fa4_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
     from flash_attn.cute.interface import _flash_attn_bwd
 
     dq, dk, dv = _flash_attn_bwd(q, k, v, out, dout, lse, causal=True)[:3]
-    return dq, dk, dv
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()  # as the fake says, whatever the inputs' strides
 
 
 _FA4_WARMUP = None  # the thread of start_fa4_warmup
@@ -854,7 +854,10 @@ _fa4_causal_op.register_autograd(_fa4_grad, setup_context=_fa4_setup_context)
 
 
 def fa4_causal(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    return torch.ops.pgolf.fa4_causal(q.contiguous(), k.contiguous(), v.contiguous())[0]
+    """FA4 reads any 16-byte-aligned layout whose last dimension is contiguous: v stays a view of the block's fused
+    q/k/v GEMM output instead of a copy (a kernel per call)."""
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    return torch.ops.pgolf.fa4_causal(q, k, v)[0]
 
 
 def _fa3_importable() -> bool:

@@ -29,9 +29,14 @@ def probabilities(q, k):
     return scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
 
 
+SEEN_LAYOUTS = []  # (q, k, v contiguous?) of each stand-in forward call
+
+
 def stand_in_fwd(q, k, v, causal=False, return_lse=False, **_):
-    """Like flash_attn.cute.interface._flash_attn_fwd: (out, lse [B, H, T], and three more) for contiguous inputs."""
-    assert causal and return_lse and all(t.is_contiguous() for t in (q, k, v))
+    """Like flash_attn.cute.interface._flash_attn_fwd: (out, lse [B, H, T], and three more) for inputs whose last
+    dimension is contiguous (FA4 takes any such 16-byte-aligned layout)."""
+    assert causal and return_lse and all(t.stride(-1) == 1 for t in (q, k, v))
+    SEEN_LAYOUTS.append(tuple(t.is_contiguous() for t in (q, k, v)))
     return reference(q, k, v), torch.logsumexp(probabilities(q, k), -1), None, None, None
 
 
@@ -81,6 +86,19 @@ def grads(fn, q, k, v):
 def test_fa4_backend_matches_reference_attention(fa4):
     q, k, v = qkv()
     got, want = grads(tg.causal_attention, q, k, v), grads(reference, q, k, v)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_fa4_takes_v_as_a_view_of_the_fused_projection(fa4):
+    """The block's v is a slice of the q/k/v GEMM output: FA4 gets the view, not a copy; q with a transposed last
+    dimension is copied."""
+    q, _, _ = qkv()
+    qkv_out = torch.randn(2, 24, 3, 2, 8).requires_grad_()  # [B, T, (q-part, k, v), Hkv, D]
+    k, v = qkv_out[:, :, 1], qkv_out[:, :, 2]
+    SEEN_LAYOUTS.clear()
+    got, want = grads(tg.causal_attention, q, k, v), grads(reference, q, k, v)
+    assert SEEN_LAYOUTS == [(True, False, False)]
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
