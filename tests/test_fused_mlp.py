@@ -93,6 +93,8 @@ def check_model(tg) -> dict:
         for p in model.parameters():
             if p.ndim == 2:
                 p.normal_(0, p.size(1) ** -0.5)
+        for b in model.blocks:  # the fused path folds mlp_scale into W_proj: not all ones
+            b.mlp_scale.uniform_(0.5, 1.5)
     ids, targets = torch.randint(0, hp.vocab_size, (2, 2, 16))
     losses, grads, ran_fused = {}, {}, {}
     for fused in (True, False):
