@@ -182,7 +182,9 @@ def load_seed_run(seed_dir: Path) -> SeedRun:
     log = parse_train_log(log_path.read_text(encoding="utf-8", errors="replace")) if log_path else parse_train_log("")
     rc = (run_status or {}).get("rc", 0)
     score = [(summary or {}).get(k) for k in ("val_loss", "val_bpb")]
-    if rc in (124, 137):
+    # run.sh's own verdict where it gave one: it tells a SIGKILL at the timeout from one before it (OOM, say)
+    timed_out = run_status["status"] == "timeout" if "status" in (run_status or {}) else rc in (124, 137)
+    if timed_out:
         status = "timeout"
     elif rc != 0 or summary is None or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in score):
         status = "failed"  # also a NaN score: no result

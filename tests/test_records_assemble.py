@@ -186,6 +186,15 @@ def test_stale_log_is_caught(tmp_path):
     assert any("seed 42 log_matches_summary" in f for f in res["failures"])
 
 
+def test_a_kill_before_the_timeout_is_a_failure_not_a_timeout(tmp_path):
+    """run.sh writes status "failed" for a SIGKILL (137) that came before SEED_TIMEOUT (the OOM killer, say)."""
+    runs = write_runs(tmp_path / "runs")
+    (runs / "seed_314" / "summary.json").unlink()
+    (runs / "seed_314" / "run_status.json").write_text('{"seed": 314, "rc": 137, "status": "failed", "wall_s": 40}')
+    res = mr.assemble(runs, out_root=tmp_path / "rec", dry_run=False)
+    assert res["submission"]["seed_results"]["314"] == {"status": "failed", "rc": 137}
+
+
 def test_failed_seed_is_reported_and_others_kept(tmp_path):
     runs = write_runs(tmp_path / "runs")
     (runs / "seed_314" / "summary.json").unlink()
