@@ -32,12 +32,13 @@ from tqdm import tqdm
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_gpt  # noqa: E402
+from build_shards import STAMP_NAME as BUILD_STAMP_NAME  # noqa: E402 - what data/build_shards.py leaves in its output
 
 DATA_DIR = Path(__file__).resolve().parent
 DEFAULT_REPO_ID = "willdepueoai/parameter-golf"
 SP8192_REPO_ID = "kevclark/parameter-golf"
-BUILD_STAMP_NAME = ".build_shards.json"  # build_shards.STAMP_NAME: what data/build_shards.py leaves in its dataset dir
 DEFAULT_REMOTE_ROOT = "datasets"
 MANIFEST_NAME = "manifest.json"
 MANIFEST_SOURCE_NAME = "manifest.source.json"  # which repo the local manifest.json came from
