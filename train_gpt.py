@@ -774,7 +774,8 @@ def _pick_attention_backend() -> str:
 # FlashAttention-4 (PyPI flash-attn-4: CuTe DSL kernels, Hopper included), as custom ops so that torch.compile keeps a
 # block one graph around it: its own autograd.Function would break the graph. Imported on first call.
 def _fa4_forward(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    """(out [B, T, H, D], lse [B, H, T] fp32) of contiguous q [B, T, H, D], k, v [B, T, Hkv, D]."""
+    """(out [B, T, H, D], lse [B, H, T] fp32) of q [B, T, H, D], k, v [B, T, Hkv, D], each with a contiguous last
+    dimension (fa4_causal)."""
     from flash_attn.cute.interface import _flash_attn_fwd
 
     out, lse = _flash_attn_fwd(q, k, v, causal=True, return_lse=True)[:2]
