@@ -1625,7 +1625,11 @@ QUINTIC_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
 def newton_schulz(G: Tensor, steps: int, polar_express: bool) -> Tensor:
-    """Approximate orthogonal polar factor of each matrix in a batch [n, rows, cols], in bf16."""
+    """Approximate orthogonal polar factor of each matrix in a batch [n, rows, cols], in bf16.
+
+    Eager: each iteration is three batched GEMMs whose scalings and sums happen in cuBLAS's fp32 epilogue
+    (baddbmm). Compiled, it took 22 s of warm-up for the four matrix shapes on a fresh H100 and ran slower (2.2 vs
+    2.5 ms per optimizer step)."""
     X = G.bfloat16()
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
     tall = X.size(-2) > X.size(-1)
@@ -1634,7 +1638,7 @@ def newton_schulz(G: Tensor, steps: int, polar_express: bool) -> Tensor:
     for i in range(steps):
         a, b, c = POLAR_EXPRESS_COEFFS[min(i, len(POLAR_EXPRESS_COEFFS) - 1)] if polar_express else QUINTIC_COEFFS
         A = X @ X.mT
-        X = a * X + (b * A + c * (A @ A)) @ X
+        X = torch.baddbmm(X, torch.baddbmm(A, A, A, beta=b, alpha=c), X, beta=a)  # aX + (bA + cA²)X
     return X.mT if tall else X
 
 
@@ -1646,7 +1650,7 @@ class Muon(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr: float, momentum: float, weight_decay: float, backend_steps: int,
-                 row_normalize: bool, polar_express: bool, rank: int = 0, world_size: int = 1, compile_ns: bool = False):
+                 row_normalize: bool, polar_express: bool, rank: int = 0, world_size: int = 1):
         by_shape: dict = {}
         for p in params:
             by_shape.setdefault(tuple(p.shape), []).append(p)
@@ -1654,9 +1658,6 @@ class Muon(torch.optim.Optimizer):
         super().__init__(groups, dict(lr=lr, base_lr=lr, momentum=momentum, weight_decay=weight_decay))
         self.backend_steps, self.row_normalize, self.polar_express = backend_steps, row_normalize, polar_express
         self.rank, self.world_size = rank, world_size
-        # One graph per matrix shape (4 with the defaults); the arguments other than G are constants, so never more.
-        self.ns = (torch.compile(newton_schulz, fullgraph=True, dynamic=False, backend=COMPILE_BACKEND) if compile_ns
-                   else newton_schulz)
 
     @torch.no_grad()
     def step(self):
@@ -1679,7 +1680,7 @@ class Muon(torch.optim.Optimizer):
                 U = torch.stack(torch._foreach_add(grads, bufs, alpha=mu))  # Nesterov
                 if self.row_normalize:
                     U = U / U.float().norm(dim=-1, keepdim=True).clamp_min(1e-7)
-                local[:len(mine)] = self.ns(U, self.backend_steps, self.polar_express)
+                local[:len(mine)] = newton_schulz(U, self.backend_steps, self.polar_express)
             if self.world_size > 1:
                 gathered = torch.empty(share * self.world_size, rows, cols, device=local.device, dtype=local.dtype)
                 dist.all_gather_into_tensor(gathered, local)
@@ -1703,8 +1704,7 @@ def build_optimizers(model: GPT, hp: Hyperparameters, rank: int, world_size: int
         betas=(hp.beta1, hp.beta2), eps=hp.adam_eps, fused=fused)
     muon = Muon(matrices, lr=hp.matrix_lr, momentum=hp.muon_momentum_warmup_start, weight_decay=hp.muon_wd,
                 backend_steps=hp.muon_backend_steps, row_normalize=bool(hp.muon_row_normalize),
-                polar_express=bool(hp.muon_polar_express), rank=rank, world_size=world_size,
-                compile_ns=bool(hp.compile) and fused)
+                polar_express=bool(hp.muon_polar_express), rank=rank, world_size=world_size)
     return [adamw, muon]
 
 
