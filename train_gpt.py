@@ -17,7 +17,6 @@ import io
 import json
 import lzma
 import math
-import multiprocessing
 import os
 import random
 import struct
@@ -790,51 +789,33 @@ def _fa4_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
     return dq.contiguous(), dk.contiguous(), dv.contiguous()  # as the fake says, whatever the inputs' strides
 
 
-_FA4_WARMUP: list = []  # what start_fa4_warmup started (a process, a thread); the first FA4 call joins them
-FA4_COMPILE_TIMEOUT_S = 300  # a warm-up process not done by then is stopped; the first call then compiles
-
-
-def _fa4_compile_kernels(seq_len: int, heads: int, kv_heads: int, head_dim: int, device: torch.device) -> None:
-    """Compile FA4's forward and backward for the model's head layout. FA4 picks kernel variants by shape; at 8 rows
-    of the training length the compile warm-up that followed took no longer than cuDNN's on the same H100 (46.2 vs
-    50.8 s): training's calls found their kernels built."""
-    with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
-        q = torch.zeros(8, seq_len, heads, head_dim, device=device, dtype=torch.bfloat16)
-        k = torch.zeros(8, seq_len, kv_heads, head_dim, device=device, dtype=torch.bfloat16)
-        out, lse = _fa4_forward(q, k, k)
-        _fa4_backward(out, q, k, k, out, lse)
+_FA4_WARMUP = None  # the thread of start_fa4_warmup
 
 
 def start_fa4_warmup(hp: Hyperparameters, device: torch.device) -> None:
-    """Import FA4 and compile its kernels while the main thread builds the model and traces its graphs.
+    """FA4 takes seconds to import and compiles each kernel on its first call (19 s for forward and backward on a
+    fresh H100): do both on a thread, with the model's head layout, while the main thread builds the model and traces
+    its graphs. The first real call waits for it."""
+    global _FA4_WARMUP
+    D = hp.model_dim // hp.num_heads
 
-    Both are Python that holds the GIL (H100: import 7.7-9.3 s, forward and backward compile 8.3 s). On a thread
-    beside the main one they slowed the model build from 2.5 to 14.2 s. So a child process compiles the kernels into
-    FA4's disk cache, where the first real call finds them, and only the import runs on a thread here. Without the
-    disk cache (FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=0) the thread compiles them too."""
-    shape = (hp.train_seq_len, hp.num_heads, hp.num_kv_heads, hp.model_dim // hp.num_heads, device)
-    on_disk = os.environ.get("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED") == "1"
-    if on_disk:  # spawned: the child imports this script anew (as __mp_main__, so main() does not run)
-        child = multiprocessing.get_context("spawn").Process(target=_fa4_compile_kernels, args=shape,
-                                                             name="fa4_compile", daemon=True)
-        child.start()
-        _FA4_WARMUP.append(child)
-    work = functools.partial(importlib.import_module, "flash_attn.cute.interface") if on_disk else \
-        functools.partial(_fa4_compile_kernels, *shape)
-    thread = threading.Thread(target=work, name="fa4_warmup", daemon=True)
-    thread.start()
-    _FA4_WARMUP.append(thread)
+    def warm():
+        with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
+            # FA4 picks kernel variants by shape; at 8 rows of the training length the compile warm-up that followed
+            # took no longer than cuDNN's on the same H100 (46.2 vs 50.8 s): training's calls found their kernels built
+            q = torch.zeros(8, hp.train_seq_len, hp.num_heads, D, device=device, dtype=torch.bfloat16)
+            k = torch.zeros(8, hp.train_seq_len, hp.num_kv_heads, D, device=device, dtype=torch.bfloat16)
+            out, lse = _fa4_forward(q, k, k)
+            _fa4_backward(out, q, k, k, out, lse)
+
+    _FA4_WARMUP = threading.Thread(target=warm, name="fa4_warmup", daemon=True)
+    _FA4_WARMUP.start()
 
 
 def _fa4_wait() -> None:
-    """FA4's kernel cache is not meant for two compiles at once: the first real call waits for the warm-up."""
-    while _FA4_WARMUP:
-        job = _FA4_WARMUP.pop(0)
-        job.join(FA4_COMPILE_TIMEOUT_S)
-        if not isinstance(job, threading.Thread) and job.exitcode != 0:
-            job.kill()
-            print(f"WARNING: FA4's warm-up process ended with exit code {job.exitcode} (None: still running after "
-                  f"{FA4_COMPILE_TIMEOUT_S} s); the first FA4 call compiles its kernels instead", file=sys.stderr)
+    """FA4's kernel cache is not meant for two threads compiling at once: the first real call joins the warm-up."""
+    if _FA4_WARMUP is not None:
+        _FA4_WARMUP.join()
 
 
 @torch.library.custom_op("pgolf::fa4_causal", mutates_args=())
@@ -905,10 +886,8 @@ DOC_ATTENTION_BACKEND = None  # likewise, for document-isolated training attenti
 _FLEX_ATTENTION = None  # flex_attention, wrapped in torch.compile on CUDA by configure_attention
 
 
-def configure_attention(backend: str | None = None, doc_backend: str | None = None, on_fa4=None) -> str:
-    """Choose the dense backend (None or 'auto': pick one) and the document-isolated one; returns the dense one.
-    on_fa4() runs as soon as FA4 is chosen (main starts its warm-up there): before the FlexAttention wrapper, whose
-    torch.compile call loads dynamo (~11 s on an H100 host)."""
+def configure_attention(backend: str | None = None, doc_backend: str | None = None) -> str:
+    """Choose the dense backend (None or 'auto': pick one) and the document-isolated one; returns the dense one."""
     global ATTENTION_BACKEND, DOC_ATTENTION_BACKEND, _FLEX_ATTENTION
     if backend == "fa4" and not _fa4_usable():
         raise RuntimeError("ATTENTION_BACKEND=fa4 needs a Hopper or newer GPU and `import flash_attn.cute` to work "
@@ -919,8 +898,6 @@ def configure_attention(backend: str | None = None, doc_backend: str | None = No
         raise RuntimeError("ATTENTION_BACKEND=fa3 needs FlashAttention-3's flash_attn_interface, which did not import; "
                            "or use ATTENTION_BACKEND=auto")
     ATTENTION_BACKEND = _pick_attention_backend() if backend in (None, "auto") else backend
-    if ATTENTION_BACKEND == "fa4" and on_fa4 is not None:
-        on_fa4()
     DOC_ATTENTION_BACKEND = doc_backend or _pick_doc_attention_backend()
     if DOC_ATTENTION_BACKEND == "flex":
         from torch.nn.attention.flex_attention import flex_attention
@@ -3857,7 +3834,9 @@ def main() -> None:
     ctx.log(f"train_shards: {len(train_files)}")
     ctx.log(f"val_tokens: {val_tokens.numel() - 1}")
     gpu = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu"
-    dense = configure_attention(hp.attention_backend, on_fa4=lambda: start_fa4_warmup(hp, ctx.device))
+    dense = configure_attention(hp.attention_backend)
+    if dense == "fa4":
+        start_fa4_warmup(hp, ctx.device)
     STARTUP.mark("attention_probe")
     ctx.log(f"world_size:{ctx.world_size} device:{gpu} torch:{torch.__version__} python:{sys.version.split()[0]} "
             f"attention:{dense} doc_attention:{DOC_ATTENTION_BACKEND if hp.doc_isolated_attn else 'off'}")

@@ -7,9 +7,8 @@ Times, in order and each once (first calls are the point): CUDA context creation
 first forward + backward at the probe's shape (16 rows) and the median of 10 more, then cuDNN's first call at the
 training shape (48 rows), the FlexAttention import, and train_gpt.configure_attention() as start-up runs it (after
 all of the above, so its cost here is what is left once libraries and kernels are loaded); with FA4 installed, its
-warm-up (a child process compiles the kernels into FA4's disk cache while a thread imports FA4; both joined) and then
-its first call at the training shape, which should find its kernels compiled (FA4's cache is a fresh directory unless
-FLASH_ATTENTION_CUTE_DSL_CACHE_DIR is set); then the
+warm-up thread (import + kernel compile, joined) and then its first call at the training shape, which should find
+its kernels compiled (FA4's cache is a fresh directory unless FLASH_ATTENTION_CUTE_DSL_CACHE_DIR is set); then the
 first and second forward + backward of the fused CE and the fused MLP (the first compiles their Triton kernels: the
 cache is a fresh directory unless TRITON_CACHE_DIR is set). Prints a table and writes <out>/startup.json.
 """

@@ -134,77 +134,7 @@ def test_a_named_backend_that_cannot_run_here_says_how_to_fix_it():
         tg.configure_attention("sdpa_math")
 
 
-# An FA4 stand-in on disk, for the warm-up's child process (which imports modules anew, not this test's stand-ins):
-# it logs each call's shapes and process to $FA4_STUB_LOG, and fails with $FA4_STUB_FAIL set.
-STUB_INTERFACE = """
-import os, torch
-def _log(name, q, k):
-    if os.environ.get("FA4_STUB_FAIL"):
-        raise RuntimeError("stand-in compile failure")
-    with open(os.environ["FA4_STUB_LOG"], "a") as f:
-        f.write(f"{name} {tuple(q.shape)} {tuple(k.shape)} {os.getpid()}\\n")
-def _flash_attn_fwd(q, k, v, causal=False, return_lse=False, **_):
-    _log("_flash_attn_fwd", q, k)
-    return torch.zeros_like(q), torch.zeros(q.size(0), q.size(2), q.size(1)), None, None, None
-def _flash_attn_bwd(q, k, v, out, dout, lse, causal=False, **_):
-    _log("_flash_attn_bwd", q, k)
-    return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-"""
-
-
-@pytest.fixture
-def fa4_on_disk(fa4, tmp_path, monkeypatch):
-    """The stand-in package importable by a child process; returns a reader of the calls it logged."""
-    package = tmp_path / "stub" / "flash_attn" / "cute"
-    package.mkdir(parents=True)
-    for init in (package.parent / "__init__.py", package / "__init__.py"):
-        init.write_text("")
-    (package / "interface.py").write_text(STUB_INTERFACE)
-    monkeypatch.syspath_prepend(str(tmp_path / "stub"))  # spawn hands the parent's sys.path to the child
-    log = tmp_path / "calls.txt"
-    monkeypatch.setenv("FA4_STUB_LOG", str(log))
-    monkeypatch.setattr(tg, "_FA4_WARMUP", [])
-    return lambda: [line.split(" ", 1)[0] for line in log.read_text().splitlines()] if log.exists() else []
-
-
-def warmup_shapes(hp):
-    D = hp.model_dim // hp.num_heads
-    return f"(8, {hp.train_seq_len}, {hp.num_heads}, {D}) (8, {hp.train_seq_len}, {hp.num_kv_heads}, {D})"
-
-
-def test_a_child_process_compiles_the_models_head_layout_before_the_first_call(fa4_on_disk, tmp_path, monkeypatch):
-    """With FA4's disk cache on (train_gpt turns it on), the kernels compile in another process and the first call
-    waits for it; this process only imports FA4, on a thread."""
-    monkeypatch.setenv("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
-    hp = tg.load_hyperparameters({"SMOKE": "1"})
-    tg.start_fa4_warmup(hp, torch.device("cpu"))
-    child, thread = tg._FA4_WARMUP
-    assert child.name == "fa4_compile" and thread.name == "fa4_warmup"
-    q, k, v = qkv(H=hp.num_heads, Hkv=hp.num_kv_heads, D=hp.model_dim // hp.num_heads)
-    got, want = grads(tg.causal_attention, q, k, v), grads(reference, q, k, v)  # joins the warm-up first
-    assert tg._FA4_WARMUP == [] and child.exitcode == 0 and not thread.is_alive()
-    lines = (tmp_path / "calls.txt").read_text().splitlines()
-    shapes = warmup_shapes(hp)
-    assert [line.rsplit(" ", 1)[0] for line in lines] == [f"_flash_attn_fwd {shapes}", f"_flash_attn_bwd {shapes}"]
-    assert {line.rsplit(" ", 1)[1] for line in lines} == {str(child.pid)}
-    for a, b in zip(got, want):  # the real calls ran here, on this test's stand-in
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-
-
-def test_a_failed_warmup_process_is_reported_and_the_first_call_still_works(fa4_on_disk, monkeypatch, capfd):
-    monkeypatch.setenv("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
-    monkeypatch.setenv("FA4_STUB_FAIL", "1")
-    tg.start_fa4_warmup(tg.load_hyperparameters({"SMOKE": "1"}), torch.device("cpu"))
-    q, k, v = qkv()
-    got, want = grads(tg.causal_attention, q, k, v), grads(reference, q, k, v)
-    assert "FA4's warm-up process ended with exit code 1" in capfd.readouterr().err
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-
-
-def test_without_the_disk_cache_the_warmup_thread_compiles(fa4_on_disk, monkeypatch):
-    """A child's kernels would not reach this process without FA4's disk cache: then the thread compiles them here."""
-    monkeypatch.setenv("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "0")
+def test_warmup_thread_compiles_the_models_head_layout_before_the_first_call(fa4, monkeypatch):
     interface = sys.modules["flash_attn.cute.interface"]
     calls = []
 
@@ -217,26 +147,15 @@ def test_without_the_disk_cache_the_warmup_thread_compiles(fa4_on_disk, monkeypa
     for name in ("_flash_attn_fwd", "_flash_attn_bwd"):
         monkeypatch.setattr(interface, name, recording(name, getattr(interface, name)))
     hp = tg.load_hyperparameters({"SMOKE": "1"})
+    monkeypatch.setattr(tg, "_FA4_WARMUP", None)  # restored after the test: later tests see no warm-up thread
     tg.start_fa4_warmup(hp, torch.device("cpu"))
-    assert [job.name for job in tg._FA4_WARMUP] == ["fa4_warmup"]
     q, k, v = qkv(H=hp.num_heads, Hkv=hp.num_kv_heads, D=hp.model_dim // hp.num_heads)
     grads(tg.causal_attention, q, k, v)  # joins the warm-up first
-    assert tg._FA4_WARMUP == [] and fa4_on_disk() == []
+    assert not tg._FA4_WARMUP.is_alive()
     shapes = ((8, hp.train_seq_len, hp.num_heads, hp.model_dim // hp.num_heads),
               (8, hp.train_seq_len, hp.num_kv_heads, hp.model_dim // hp.num_heads))
     assert calls[:2] == [("_flash_attn_fwd", *shapes), ("_flash_attn_bwd", *shapes)]
     assert [c[0] for c in calls[2:]] == ["_flash_attn_fwd", "_flash_attn_bwd"]
-
-
-def test_main_starts_the_fa4_warmup_before_the_flex_wrapper_loads_dynamo(fa4, monkeypatch):
-    events = []
-    with monkeypatch.context() as m:  # undone before the fixture resets the backends
-        m.setattr(tg.torch, "compile", lambda fn, **kw: events.append("torch.compile") or fn)
-        m.setattr(tg.torch.cuda, "is_available", lambda: True)  # configure_attention wraps flex on CUDA only
-        tg.configure_attention("fa4", "flex", on_fa4=lambda: events.append("on_fa4"))
-        assert events == ["on_fa4", "torch.compile"]
-        tg.configure_attention("sdpa_math", "flex", on_fa4=lambda: events.append("not FA4"))
-        assert "not FA4" not in events
 
 
 def test_lora_adapter_steps_leave_fa4_for_sdpa(fa4, monkeypatch):
