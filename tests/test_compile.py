@@ -28,7 +28,8 @@ def test_blocks_scope_compiles_few_graphs_and_none_when_looping_switches_on(smok
     hp, ctx, trainer = make_trainer(smoke_data, tmp_path, COMPILE="1", COMPILE_SCOPE="blocks", WARMUP_STEPS="2")
     kinds = {b.parallel for b in trainer.model.blocks}
     assert len(trainer.model.blocks) == 6 and kinds == {False, True}  # both block variants are present
-    # Plain phase: sequential block, parallel block, skip mix, head + loss. Looped phase: nothing new.
+    # Plain phase: sequential block (encoder), sequential and parallel blocks after a skip mix, head + loss. Looped
+    # phase: nothing new.
     assert trainer.compile_warmup() == [4, 0]
     assert counter.frame_count == 4
     forbid_recompiles()

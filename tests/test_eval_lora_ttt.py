@@ -335,10 +335,11 @@ def test_a_failing_ttt_keeps_the_earlier_scores_in_summary_json(stream, monkeypa
     assert all(e["covered"] for e in written["evals"].values()) and "val_bpb" not in written  # no final score
 
 
-# Graphs with dynamic shapes, per-block whatever COMPILE_SCOPE says: the first block (its input needs no grad),
-# sequential and parallel blocks (their input carries the adapters' grad), and the skip mix.
+# Graphs with dynamic shapes, per-block whatever COMPILE_SCOPE says: the first block (its input needs no grad), the
+# second (sequential; its input carries the adapters' grad), a sequential and a parallel block after a skip mix, and
+# the last block (parallel, no skip).
 @pytest.mark.parametrize("scope", ["blocks", "model"])
-def test_adapter_step_compiles_once_in_warmup(stream, monkeypatch, forbid_recompiles, scope, graphs=4):
+def test_adapter_step_compiles_once_in_warmup(stream, monkeypatch, forbid_recompiles, scope, graphs=5):
     """The warm-up's graphs serve every row count and window length of the run, on a fresh model copy; compiled
     equals eager. (The phases' SGD graph is the score-first TTT step's: tests/test_eval_compile.py.)"""
     hp = lora_hp(compile=1, compile_scope=scope, phased_ttt_num_phases=0)
