@@ -197,8 +197,15 @@ def parse_eval(log: str) -> dict:
     return evals
 
 
+def steps_taken(log: str, train: list[dict]) -> int | None:
+    """The last step run: the final validation's "<step>/<iterations> val_loss" line, as train records come only
+    every TRAIN_LOG_EVERY steps; the last record's step for a log cut off before it."""
+    steps = [int(s) for s in re.findall(r"^(\d+)/\d+ val_loss:", log, re.MULTILINE)] + [r["step"] for r in train[-1:]]
+    return max(steps) if steps else None
+
+
 def parse_training(log: str, train: list[dict], hp: tg.Hyperparameters | None, world: int, gpu: str | None) -> dict:
-    training = {"steps": train[-1]["step"] if train else None,
+    training = {"steps": steps_taken(log, train),
                 "loop_enabled_step": grab(r"^layer_loop:enabled step:(\d+)", log, int),
                 "final_train_loss": train[-1]["train_loss"] if train else None,
                 "counted_train_s": grab(rf"counted training time {NUM}s of", log),

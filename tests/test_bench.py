@@ -76,6 +76,15 @@ def test_phase_throughput_skips_transients_and_splits_phases():
     assert suite.phase_throughput(recs[:3], False, 1000, 1) == {"tok_s_per_gpu": None, "ms_per_step": None}
 
 
+def test_steps_are_the_last_step_run_not_the_last_logged_one():
+    log = "310/20000 train_loss: 2.0588\nstopping_early: wallclock_cap train_time: 287479ms step: 317/20000\n" \
+          "317/20000 val_loss: 4.3238 val_bpb: 1.6922\n"
+    train = [dict(step=300, train_loss=2.1), dict(step=310, train_loss=2.0588)]  # TRAIN_LOG_EVERY=10
+    assert suite.parse_training(log, train, None, 1, None)["steps"] == 317
+    assert suite.parse_training(log.split("stopping")[0], train, None, 1, None)["steps"] == 310  # cut off before
+    assert suite.parse_training("", [], None, 1, None)["steps"] is None
+
+
 def run_suite(tmp_path, smoke_data, *args):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "OUT")}
     cmd = [sys.executable, str(ROOT / "bench" / "suite.py"), "--out", str(tmp_path), "--name", "smoke", *args,
