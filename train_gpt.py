@@ -1526,10 +1526,10 @@ class Regions:
 EAGER_REGIONS = Regions()
 _COMPILED_REGIONS: dict = {}
 
-# Graphs of run_block (and of run_block_after_skip) in a full run: 2 block structures x 3 static shapes (training, no-grad eval, TTT batch) = 6 by
-# default (up to 4 structures with XSA on some layers only), plus the LoRA TTT's 3 dynamic ones (one code object, one
-# cache), past dynamo's default limit of 8 per function, where it stops compiling the function; so the limit is
-# raised, with room.
+# Graphs of run_block (and of run_block_after_skip) in a full run: 2 block structures x 3 static shapes (training,
+# no-grad eval, TTT batch) = 6 by default (up to 4 structures with XSA on some layers only), plus the LoRA TTT's
+# dynamic ones (one code object, one cache), past dynamo's default limit of 8 per function, where it stops compiling
+# the function; so the limit is raised, with room.
 REGION_RECOMPILE_LIMIT = 64
 
 
