@@ -1120,9 +1120,11 @@ class Attention(nn.Module):
         # Sparse head-output gate: g[t, h] = sigmoid(<W_h, u_t[:12]>); zeros make every gate 0.5 at the start.
         self.attn_gate_w = nn.Parameter(torch.zeros(num_heads, ATTN_GATE_WINDOW)) if gate else None
 
-    def forward(self, u: Tensor, doc_mask=None, lora=None, qkv=None, out_scale=None, fold: bool = False) -> Tensor:
+    def forward(self, u: Tensor, doc_mask=None, lora=None, qkv=None, out_scale=None, fold: bool = False,
+                gate_in: Tensor | None = None) -> Tensor:
         """qkv: the c_q, c_k, c_v outputs for u when the caller computed them (the block's fused GEMM). out_scale:
-        the block's attn_scale, applied to the output (folded into proj's weight with fold: scaled_projection)."""
+        the block's attn_scale, applied to the output (folded into proj's weight with fold: scaled_projection).
+        gate_in: a copy of u's first ATTN_GATE_WINDOW channels for the sparse gate (BlockEntry), else it reads u's."""
         B, T, _ = u.shape
         q, k, v = qkv if qkv is not None else (self.c_q(u), self.c_k(u), self.c_v(u))
         if lora is not None:  # test-time LoRA (section 7): per-sequence low-rank corrections, all read from u
@@ -1136,7 +1138,8 @@ class Attention(nn.Module):
         if self.xsa:
             y = exclusive_self_attention(y, v)
         if self.attn_gate_w is not None:
-            gate = torch.sigmoid(F.linear(u[..., :ATTN_GATE_WINDOW], self.attn_gate_w.to(u.dtype)))
+            gate_in = u[..., :ATTN_GATE_WINDOW] if gate_in is None else gate_in
+            gate = torch.sigmoid(F.linear(gate_in, self.attn_gate_w.to(u.dtype)))
             y = y * gate.to(y.dtype)[..., None]
         out = scaled_projection(self.proj, y.reshape(B, T, -1), out_scale, fold)
         return out if lora is None else out + scaled(lora("o", u), out_scale)
@@ -1200,17 +1203,25 @@ class Block(nn.Module):
         out = F.linear(u, torch.cat([m.weight for m in linears]).to(u.dtype))
         return out.split([m.weight.size(0) for m in linears], dim=-1)
 
-    def forward(self, x: Tensor, x0: Tensor, doc_mask=None, lora=None) -> Tensor:
-        mix = self.resid_mix.to(x.dtype)
-        x = mix[0] * x + mix[1] * x0
-        u = self._norm(x)
+    def _enter(self, x: Tensor, x0: Tensor, skip: tuple, lora) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(x_in, u, the gate's copy of u's first channels or None): block_entry, with the fused backward where steps
+        have gradients (not the LoRA adapter steps, whose varying shapes would each compile the kernel)."""
+        if lora is None and torch.is_grad_enabled() and fused_kernels_supported(x.device):
+            gate_cols = ATTN_GATE_WINDOW if self.attn.attn_gate_w is not None else 0
+            x_in, u, gate_in = BlockEntry.apply(x, x0, self.resid_mix, self.ln_scale, gate_cols, *skip)
+            return x_in, u, gate_in if gate_cols else None
+        return *block_entry(x, x0, self.resid_mix, self.ln_scale, *skip), None
+
+    def forward(self, x: Tensor, x0: Tensor, doc_mask=None, lora=None, skip: tuple = ()) -> Tensor:
+        """skip: (encoder output, gate, weight) for a decoder block that mixes in a U-Net skip first."""
+        x, u, gate_in = self._enter(x, x0, skip, lora)
         fc_shares_gemm = self.parallel and not self.mlp.runs_fused(u, lora)  # the fused MLP does its own fc
         fused = None
         if self.fused_linears:
             fused = self._input_projections(u, (self.attn.c_q, self.attn.c_k, self.attn.c_v)
                                             + ((self.mlp.fc,) if fc_shares_gemm else ()))
         fold = self.fused_linears  # the branch scales into the output projections
-        x_attn = x + self.attn(u, doc_mask, lora, None if fused is None else fused[:3], self.attn_scale, fold)
+        x_attn = x + self.attn(u, doc_mask, lora, None if fused is None else fused[:3], self.attn_scale, fold, gate_in)
         if self.parallel:  # GPT-J style: attention and MLP read the same normalized input
             fc_out = fused[3] if fused is not None and fc_shares_gemm else None
             return x_attn + self.mlp(u, lora, fc_out, self.mlp_scale, fold)
@@ -1467,6 +1478,146 @@ def leaky_relu_sq_mlp(u: Tensor, w_fc: Tensor, w_proj: Tensor) -> Tensor:
     return torch.ops.pgolf.leaky_relu_sq_mlp(u.reshape(-1, u.size(-1)), w_fc, w_proj)[0].view(*u.shape[:-1], -1)
 
 
+# -----------------------------------------------------------------------------------------------------
+# Fused block-entry backward (Triton, steps with gradients). A block enters through x_in = m0·x + m1·x0 (a decoder
+# block with a U-Net skip first mixes x <- g·x + (1-g)·w·skip, g = sigmoid(gate)) and u = RMSNorm(x_in)·ln_scale.
+# Inductor computes the input gradients in one kernel, but m0, m1, gate and w get sums over every token of products
+# with the gradient that kernel wrote, so a second kernel reads it and the inputs again (and the first, a looped
+# reduction, spilled x_in's fp32 normalization to memory and read it back). Here one kernel does all of it: each
+# program takes every PROGRAMS-th block of ROWS rows, writes their input gradients and keeps the per-channel sums in
+# registers, one row of partial sums per program. The forward stays inductor's (block_entry, traced by BlockEntry).
+# -----------------------------------------------------------------------------------------------------
+
+# Rows per block, warps, programs per SM and pipeline stages of the backward kernel, without / with a skip. H100, 98,304
+# rows (bench/block_entry.py sweep, ms per call without / with a skip): these 0.323 / 0.460; one row block of 8 rows and
+# 8 warps, 4 programs per SM, unpipelined 0.456 / 0.575; inductor's kernels took ~0.37 / ~0.57 (bench/profile_step.py).
+BLOCK_ENTRY_TILES = {False: dict(ROWS=2, num_warps=4, PER_SM=4, STAGES=2), True: dict(ROWS=4, num_warps=4, PER_SM=8, STAGES=2)}
+
+if triton is not None:
+    @triton.jit
+    def _block_entry_bwd_kernel(g_in_ptr, g_u_ptr, g_gate_ptr, x_ptr, x0_ptr, skip_ptr, mix_ptr, ln_ptr, gate_ptr,
+                                weight_ptr, gx_ptr, gx0_ptr, gskip_ptr, sums_ptr, n_rows, D: tl.constexpr,
+                                GATE_COLS: tl.constexpr, SKIP: tl.constexpr, ROWS: tl.constexpr,
+                                PROGRAMS: tl.constexpr, ITERS: tl.constexpr, STAGES: tl.constexpr):
+        """Gradients of block_entry for g_in (of x_in: the residual path) and g_u (of u; its first GATE_COLS columns
+        also get g_gate, the gradient of the attention gate's copy of them). Per-channel factors are rounded to the
+        activations' dtype as the forward rounds them; the sums go to sums_ptr[program, (m0, m1[, gate, w]), D]."""
+        cols = tl.arange(0, D)
+        act = gx_ptr.dtype.element_ty
+        m0 = tl.load(mix_ptr + cols).to(act).to(tl.float32)
+        m1 = tl.load(mix_ptr + D + cols).to(act).to(tl.float32)
+        ln = tl.load(ln_ptr)
+        # Row-wise accumulators, summed over their rows once at the end: a sum across rows every iteration would
+        # synchronize the warps each time.
+        sum_m0 = tl.zeros([ROWS, D], dtype=tl.float32)
+        sum_m1 = tl.zeros([ROWS, D], dtype=tl.float32)
+        sum_gate = tl.zeros([ROWS, D], dtype=tl.float32)
+        sum_w = tl.zeros([ROWS, D], dtype=tl.float32)
+        if SKIP:
+            sig = tl.sigmoid(tl.load(gate_ptr + cols))
+            g = sig.to(act).to(tl.float32)
+            w = tl.load(weight_ptr + cols).to(act).to(tl.float32)
+        for i in tl.range(0, ITERS, num_stages=STAGES):
+            rows = (tl.program_id(0) + i * PROGRAMS) * ROWS + tl.arange(0, ROWS)
+            inside = (rows < n_rows)[:, None]
+            offsets = rows[:, None].to(tl.int64) * D + cols[None, :]
+            x = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+            x0 = tl.load(x0_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+            if SKIP:
+                skip = tl.load(skip_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+                mixed = g * x + (1.0 - g) * (w * skip)
+            else:
+                mixed = x
+            x_in = m0 * mixed + m1 * x0
+            rstd = tl.rsqrt(tl.sum(x_in * x_in, 1) / D + 1.1920928955078125e-07)[:, None]  # F.rms_norm's fp32 eps
+            x_hat = x_in * rstd
+            g_u = tl.load(g_u_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+            if GATE_COLS > 0:
+                gate_offsets = rows[:, None].to(tl.int64) * GATE_COLS + cols[None, :]
+                g_u += tl.load(g_gate_ptr + gate_offsets, mask=inside & (cols < GATE_COLS)[None, :],
+                               other=0.0).to(tl.float32)
+            g_hat = g_u * ln
+            g_x_in = tl.load(g_in_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+            g_x_in += rstd * (g_hat - x_hat * (tl.sum(g_hat * x_hat, 1) / D)[:, None])
+            sum_m0 += g_x_in * mixed
+            sum_m1 += g_x_in * x0
+            tl.store(gx0_ptr + offsets, (m1 * g_x_in).to(gx0_ptr.dtype.element_ty), mask=inside)
+            g_mixed = m0 * g_x_in
+            if SKIP:
+                sum_gate += g_mixed * (x - w * skip)
+                sum_w += g_mixed * skip
+                tl.store(gskip_ptr + offsets, ((1.0 - g) * w * g_mixed).to(gskip_ptr.dtype.element_ty), mask=inside)
+                g_mixed = g * g_mixed
+            tl.store(gx_ptr + offsets, g_mixed.to(gx_ptr.dtype.element_ty), mask=inside)
+        sums = sums_ptr + tl.program_id(0) * (4 if SKIP else 2) * D + cols
+        tl.store(sums, tl.sum(sum_m0, 0))
+        tl.store(sums + D, tl.sum(sum_m1, 0))
+        if SKIP:
+            tl.store(sums + 2 * D, tl.sum(sum_gate, 0) * sig * (1.0 - sig))
+            tl.store(sums + 3 * D, tl.sum(sum_w, 0) * (1.0 - g))
+
+    @torch.library.custom_op("pgolf::block_entry_backward", mutates_args=())
+    def _block_entry_backward_op(g_in: Tensor, g_u: Tensor, g_gate: Tensor, x: Tensor, x0: Tensor, mix: Tensor,
+                                 ln: Tensor, skip: Tensor | None, gate: Tensor | None,
+                                 weight: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(d x, d x0, d skip, per-channel sums [2 or 4, D]: d mix, then d gate and d w with a skip). Activations
+        [..., D] in one dtype; d skip is empty without a skip."""
+        D = x.size(-1)
+        gx, gx0 = torch.empty_like(x), torch.empty_like(x0)
+        gskip = torch.empty_like(skip) if skip is not None else x.new_empty(0)
+        rows, cfg = x.numel() // D, BLOCK_ENTRY_TILES[skip is not None]
+        blocks = triton.cdiv(rows, cfg["ROWS"])
+        programs = max(1, min(blocks, cfg["PER_SM"] * (torch.cuda.get_device_properties(x.device).multi_processor_count
+                                                       if x.device.type == "cuda" else 1)))
+        sums = torch.zeros(programs, 2 if skip is None else 4, D, device=x.device, dtype=torch.float32)
+        if rows:
+            _block_entry_bwd_kernel[(programs,)](
+                g_in.contiguous(), g_u.contiguous(), g_gate.contiguous(), x.contiguous(), x0.contiguous(),
+                skip.contiguous() if skip is not None else x, mix.contiguous(), ln, gate if skip is not None else mix,
+                weight if skip is not None else mix, gx, gx0, gskip, sums, rows, D=D, GATE_COLS=g_gate.size(-1),
+                SKIP=skip is not None, ROWS=cfg["ROWS"], PROGRAMS=programs, ITERS=triton.cdiv(blocks, programs),
+                STAGES=cfg["STAGES"], num_warps=cfg["num_warps"])
+        return gx, gx0, gskip, sums.sum(0)
+
+    @_block_entry_backward_op.register_fake
+    def _block_entry_backward_fake(g_in, g_u, g_gate, x, x0, mix, ln, skip, gate, weight):
+        return (torch.empty_like(x), torch.empty_like(x0),
+                torch.empty_like(skip) if skip is not None else x.new_empty(0),
+                x.new_empty(2 if skip is None else 4, x.size(-1), dtype=torch.float32))
+
+
+def block_entry(x: Tensor, x0: Tensor, mix: Tensor, ln: Tensor, skip: Tensor | None = None,
+                gate: Tensor | None = None, weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(x_in, u): the residual stream a block starts from and its normalized copy. With a U-Net skip (skip, gate,
+    weight), the skip is mixed in first. ln: the block's norm factor; the product in fp32, then rounded once, as a
+    Python-float factor is applied (a bf16 multiply would round the factor itself to bf16)."""
+    if skip is not None:
+        x = mix_skip(x, skip, gate, weight)
+    mix = mix.to(x.dtype)
+    x = mix[0] * x + mix[1] * x0
+    return x, (rms_norm(x).float() * ln).to(x.dtype)
+
+
+class BlockEntry(torch.autograd.Function):
+    """block_entry with its backward by the fused kernel; also returns a copy of u's first `gate_cols` columns for the
+    attention gate, so that their gradient reaches the kernel apart instead of as a sum written over all of u's."""
+
+    @staticmethod
+    def forward(ctx, x, x0, mix, ln, gate_cols: int, skip=None, gate=None, weight=None):
+        ctx.save_for_backward(x, x0, mix, ln, *(() if skip is None else (skip, gate, weight)))
+        x_in, u = block_entry(x, x0, mix, ln, skip, gate, weight)
+        return x_in, u, u[..., :gate_cols].contiguous()
+
+    @staticmethod
+    def backward(ctx, g_in, g_u, g_gate):
+        x, x0, mix, ln, *skip = ctx.saved_tensors
+        gx, gx0, gskip, sums = torch.ops.pgolf.block_entry_backward(g_in, g_u, g_gate, x, x0, mix, ln,
+                                                                    *(skip or (None, None, None)))
+        if not skip:
+            return gx, gx0, sums.view_as(mix), None, None
+        return gx, gx0, sums[:2], None, None, gskip, sums[2], sums[3]
+
+
 # Compilation units. GPT.forward is made of these module-level functions, called through a Regions object: eagerly
 # (EAGER_REGIONS: COMPILE=0, GPTQ calibration hooks, and inside the whole-model compile of COMPILE_SCOPE=model) or each
 # compiled once for the process (COMPILE_SCOPE=blocks). Compiled, a Block runs the graph of its structure (sequential
@@ -1489,7 +1640,7 @@ def run_block_after_skip(block: Block, x: Tensor, skip: Tensor, gate: Tensor, we
     backward fuses into the block's (H100, bench/profile_step.py: kernels 7.2 / 17.4 ms less per step before / after
     looping than a graph of its own). Costs the compile of two more block structures, as the last decoder block gets
     no skip."""
-    return block(mix_skip(x, skip, gate, weight), x0, doc_mask, lora)
+    return block(x, x0, doc_mask, lora, (skip, gate, weight))
 
 
 def mix_skip(x: Tensor, skip: Tensor, gate: Tensor, weight: Tensor) -> Tensor:
