@@ -1,5 +1,7 @@
 import contextlib
+import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +23,19 @@ def smoke_data(tmp_path_factory):
     import train_gpt
 
     return train_gpt.make_smoke_data(str(tmp_path_factory.mktemp("smoke")), 512)
+
+
+def run_interpreted(script: str, *args: str) -> dict:
+    """The JSON a test file's worker prints (its last line) when the file runs as a script under Triton's CPU
+    interpreter (TRITON_INTERPRET=1, read at import: hence a subprocess), which runs the Triton kernels."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, script, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["interpret"] is True
+    return result
 
 
 def shared_file(*parts) -> Path:

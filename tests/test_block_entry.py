@@ -10,15 +10,13 @@ Tolerances (max |error| / max |reference|, the reference in fp32 from the same i
   fp32 reference does not; a wrong term (a missing sigmoid' or (1 - g) factor, the norm's mean term) is off by more.
 """
 import json
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import run_interpreted
+
 RTOL = {"float32": 1e-5, "bfloat16": 2.0 ** -6}
 # (batch, seq, dim, skip, gate columns, dtype): 74 rows in blocks of 2 or 4 over the interpreter's 4 or 8 programs,
 # so every program makes several passes and the last block is partial.
@@ -116,13 +114,7 @@ def worker() -> dict:
 
 @pytest.fixture(scope="module")
 def interp():
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, __file__], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["interpret"] is True
-    return result
+    return run_interpreted(__file__)
 
 
 @pytest.mark.parametrize("case", [_case_name(c) for c in CASES])

@@ -18,14 +18,12 @@ the gradient of the mean loss is dz = (1/N)·(p - onehot)·4s(1-s), so |dz| <= 1
 """
 import importlib.util
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import forward_logits
+from conftest import forward_logits, run_interpreted
 
 ROOT = Path(__file__).resolve().parents[1]
 CAP = 30.0
@@ -144,14 +142,7 @@ def worker(folder: str) -> dict:
 
 @pytest.fixture(scope="module")
 def interp(tmp_path_factory):
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, __file__, str(tmp_path_factory.mktemp("wrapped"))], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["interpret"] is True
-    return result
+    return run_interpreted(__file__, str(tmp_path_factory.mktemp("wrapped")))
 
 
 @pytest.mark.parametrize("case", [f"{n}x{v}_{d}" for n, v, d in CASES])

@@ -18,6 +18,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import run_interpreted
+
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(BM=32, BN=32, BK=32, GROUP_M=2, num_warps=4, num_stages=2)
 # (rows, dim, hidden, dtype, tiles): several tiles with partial ones at both edges and passes past the last tile
@@ -136,13 +138,7 @@ def worker() -> dict:
 
 @pytest.fixture(scope="module")
 def interp():
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, __file__], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["interpret"] is True
-    return result
+    return run_interpreted(__file__)
 
 
 @pytest.mark.parametrize("case", [f"{r}x{d}x{h}_{t}_{k}" for r, d, h, t, k in CASES])
