@@ -1507,12 +1507,12 @@ if triton is not None:
         m0 = tl.load(mix_ptr + cols).to(act).to(tl.float32)
         m1 = tl.load(mix_ptr + D + cols).to(act).to(tl.float32)
         ln = tl.load(ln_ptr)
-        # Row-wise accumulators, summed over their rows once at the end: a sum across rows every iteration would
-        # synchronize the warps each time.
-        sum_m0 = tl.zeros([ROWS, D], dtype=tl.float32)
-        sum_m1 = tl.zeros([ROWS, D], dtype=tl.float32)
-        sum_gate = tl.zeros([ROWS, D], dtype=tl.float32)
-        sum_w = tl.zeros([ROWS, D], dtype=tl.float32)
+        # Σ g·x, Σ g·x0 and Σ g·skip over rows, g the gradient of x_in: every per-channel gradient is a combination
+        # of these with per-channel factors. Row-wise accumulators, summed over their rows once at the end: a sum
+        # across rows every iteration would synchronize the warps each time.
+        sum_x = tl.zeros([ROWS, D], dtype=tl.float32)
+        sum_x0 = tl.zeros([ROWS, D], dtype=tl.float32)
+        sum_skip = tl.zeros([ROWS, D], dtype=tl.float32)
         if SKIP:
             sig = tl.sigmoid(tl.load(gate_ptr + cols))
             g = sig.to(act).to(tl.float32)
@@ -1539,22 +1539,25 @@ if triton is not None:
             g_hat = g_u * ln
             g_x_in = tl.load(g_in_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
             g_x_in += rstd * (g_hat - x_hat * (tl.sum(g_hat * x_hat, 1) / D)[:, None])
-            sum_m0 += g_x_in * mixed
-            sum_m1 += g_x_in * x0
+            sum_x += g_x_in * x
+            sum_x0 += g_x_in * x0
             tl.store(gx0_ptr + offsets, (m1 * g_x_in).to(gx0_ptr.dtype.element_ty), mask=inside)
             g_mixed = m0 * g_x_in
             if SKIP:
-                sum_gate += g_mixed * (x - w * skip)
-                sum_w += g_mixed * skip
+                sum_skip += g_x_in * skip
                 tl.store(gskip_ptr + offsets, ((1.0 - g) * w * g_mixed).to(gskip_ptr.dtype.element_ty), mask=inside)
                 g_mixed = g * g_mixed
             tl.store(gx_ptr + offsets, g_mixed.to(gx_ptr.dtype.element_ty), mask=inside)
         sums = sums_ptr + tl.program_id(0) * (4 if SKIP else 2) * D + cols
-        tl.store(sums, tl.sum(sum_m0, 0))
-        tl.store(sums + D, tl.sum(sum_m1, 0))
-        if SKIP:
-            tl.store(sums + 2 * D, tl.sum(sum_gate, 0) * sig * (1.0 - sig))
-            tl.store(sums + 3 * D, tl.sum(sum_w, 0) * (1.0 - g))
+        s_x, s_x0 = tl.sum(sum_x, 0), tl.sum(sum_x0, 0)
+        tl.store(sums + D, s_x0)
+        if SKIP:  # mixed = g·x + (1-g)·w·skip
+            s_skip = tl.sum(sum_skip, 0)
+            tl.store(sums, g * s_x + (1.0 - g) * w * s_skip)
+            tl.store(sums + 2 * D, m0 * (s_x - w * s_skip) * sig * (1.0 - sig))
+            tl.store(sums + 3 * D, m0 * (1.0 - g) * s_skip)
+        else:
+            tl.store(sums, s_x)
 
     @torch.library.custom_op("pgolf::block_entry_backward", mutates_args=())
     def _block_entry_backward_op(g_in: Tensor, g_u: Tensor, g_gate: Tensor, x: Tensor, x0: Tensor, mix: Tensor,
