@@ -691,6 +691,12 @@ def rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
+def scaled_rms_norm(x: Tensor, scale: Tensor) -> Tensor:
+    """rms_norm(x)·scale (a block's ln_scale). The product in fp32, then rounded once, as a Python-float factor is
+    applied (a bf16 multiply would round the factor itself to bf16)."""
+    return (rms_norm(x).float() * scale).to(x.dtype)
+
+
 class RMSNorm(nn.Module):
     """Weightless RMSNorm; a module (not a function) so that GPTQ calibration can hook the final norm's output."""
 
@@ -1190,11 +1196,6 @@ class Block(nn.Module):
         # sharing a GEMM (_input_projections) nor with a branch scale folded in (scaled_projection).
         self.fused_linears = True
 
-    def _norm(self, x: Tensor) -> Tensor:
-        # The product in fp32, then rounded once, as a Python-float factor is applied (a bf16 multiply would round
-        # the scale itself to bf16).
-        return (rms_norm(x).float() * self.ln_scale).to(x.dtype)
-
     def _input_projections(self, u: Tensor, linears: tuple) -> list[Tensor]:
         """The outputs of linears that read the same input u, as one GEMM: c_q, c_k, c_v (and, in a parallel block,
         fc). Also one GEMM for u's gradient, which otherwise sums one per linear. At the training shape on an H100
@@ -1225,7 +1226,7 @@ class Block(nn.Module):
         if self.parallel:  # GPT-J style: attention and MLP read the same normalized input
             fc_out = fused[3] if fused is not None and fc_shares_gemm else None
             return x_attn + self.mlp(u, lora, fc_out, self.mlp_scale, fold)
-        return x_attn + self.mlp(self._norm(x_attn), lora, None, self.mlp_scale, fold)
+        return x_attn + self.mlp(scaled_rms_norm(x_attn, self.ln_scale), lora, None, self.mlp_scale, fold)
 
 
 def layer_schedule(num_layers: int, loop_start: int, loop_end: int, num_loops: int, looping: bool):
@@ -1262,6 +1263,12 @@ if triton is not None:
 # 2048/4 takes 1.039 ms forward and 2.203 forward+backward, #1787's 1024/4 1.123 and 2.260.
 FUSED_CE_BLOCK, FUSED_CE_WARPS = 2048, 4
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # Triton's CPU interpreter: tests run the kernels
+
+
+def sm_count(device: torch.device, interpreter: int) -> int:
+    """Streaming multiprocessors of a CUDA device, for persistent kernels' grids; `interpreter` on the CPU (Triton's
+    interpreter: a few programs, so that each makes several passes)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else interpreter
 
 
 def fused_kernels_supported(device: torch.device, tma: bool = False) -> bool:
@@ -1424,10 +1431,8 @@ if TensorDescriptor is not None:
         """out (and act) from a [M, K] and the weight as stored: W_fc [N, K] (up) or W_proj [K, N]."""
         cfg = FUSED_MLP_TILES
         (M, K), N, BM, BN, BK = a.shape, out.size(1), cfg["BM"], cfg["BN"], cfg["BK"]
-        sms = (torch.cuda.get_device_properties(a.device).multi_processor_count if a.device.type == "cuda"
-               else 4)  # the interpreter: a few programs, so that each makes several passes
         tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
-        programs = min(sms, tiles)
+        programs = min(sm_count(a.device, 4), tiles)
         _mlp_gemm_kernel[(programs,)](TensorDescriptor.from_tensor(a, [BM, BK]),
                                       TensorDescriptor.from_tensor(w, [BN, BK] if up else [BK, BN]), out, act, M,
                                       N=N, K=K, UP=up, UPCAST=TRITON_INTERPRET, PROGRAMS=programs,
@@ -1491,7 +1496,8 @@ def leaky_relu_sq_mlp(u: Tensor, w_fc: Tensor, w_proj: Tensor) -> Tensor:
 # Rows per block, warps, programs per SM and pipeline stages of the backward kernel, without / with a skip. H100, 98,304
 # rows (bench/block_entry.py sweep, ms per call without / with a skip): these 0.323 / 0.460; one row block of 8 rows and
 # 8 warps, 4 programs per SM, unpipelined 0.456 / 0.575; inductor's kernels took ~0.37 / ~0.57 (bench/profile_step.py).
-BLOCK_ENTRY_TILES = {False: dict(ROWS=2, num_warps=4, PER_SM=4, STAGES=2), True: dict(ROWS=4, num_warps=4, PER_SM=8, STAGES=2)}
+BLOCK_ENTRY_TILES = {False: dict(ROWS=2, num_warps=4, PER_SM=4, STAGES=2),
+                     True: dict(ROWS=4, num_warps=4, PER_SM=8, STAGES=2)}
 
 if triton is not None:
     @triton.jit
@@ -1507,9 +1513,9 @@ if triton is not None:
         m0 = tl.load(mix_ptr + cols).to(act).to(tl.float32)
         m1 = tl.load(mix_ptr + D + cols).to(act).to(tl.float32)
         ln = tl.load(ln_ptr)
-        # Σ g·x, Σ g·x0 and Σ g·skip over rows, g the gradient of x_in: every per-channel gradient is a combination
-        # of these with per-channel factors. Row-wise accumulators, summed over their rows once at the end: a sum
-        # across rows every iteration would synchronize the warps each time.
+        # Σ g·x, Σ g·x0 and Σ g·skip over rows, g the gradient of x_in: every per-channel gradient is a
+        # combination of these with per-channel factors. Row-wise accumulators, summed over their rows once at the
+        # end: a sum across rows every iteration would synchronize the warps each time.
         sum_x = tl.zeros([ROWS, D], dtype=tl.float32)
         sum_x0 = tl.zeros([ROWS, D], dtype=tl.float32)
         sum_skip = tl.zeros([ROWS, D], dtype=tl.float32)
@@ -1570,9 +1576,10 @@ if triton is not None:
         gskip = torch.empty_like(skip) if skip is not None else x.new_empty(0)
         rows, cfg = x.numel() // D, BLOCK_ENTRY_TILES[skip is not None]
         blocks = triton.cdiv(rows, cfg["ROWS"])
-        programs = max(1, min(blocks, cfg["PER_SM"] * (torch.cuda.get_device_properties(x.device).multi_processor_count
-                                                       if x.device.type == "cuda" else 1)))
-        sums = torch.zeros(programs, 2 if skip is None else 4, D, device=x.device, dtype=torch.float32)
+        programs = max(1, min(blocks, cfg["PER_SM"] * sm_count(x.device, 1)))
+        # Every program writes its row of sums; zeros only where no kernel runs, whose sums are then 0.
+        sums = (torch.empty if rows else torch.zeros)(programs, 2 if skip is None else 4, D, device=x.device,
+                                                      dtype=torch.float32)
         if rows:
             _block_entry_bwd_kernel[(programs,)](
                 g_in.contiguous(), g_u.contiguous(), g_gate.contiguous(), x.contiguous(), x0.contiguous(),
@@ -1591,14 +1598,13 @@ if triton is not None:
 
 def block_entry(x: Tensor, x0: Tensor, mix: Tensor, ln: Tensor, skip: Tensor | None = None,
                 gate: Tensor | None = None, weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """(x_in, u): the residual stream a block starts from and its normalized copy. With a U-Net skip (skip, gate,
-    weight), the skip is mixed in first. ln: the block's norm factor; the product in fp32, then rounded once, as a
-    Python-float factor is applied (a bf16 multiply would round the factor itself to bf16)."""
+    """(x_in, u): the residual stream a block starts from and its normalized copy (ln: the block's ln_scale). With a
+    U-Net skip (skip, gate, weight), the skip is mixed in first."""
     if skip is not None:
         x = mix_skip(x, skip, gate, weight)
     mix = mix.to(x.dtype)
     x = mix[0] * x + mix[1] * x0
-    return x, (rms_norm(x).float() * ln).to(x.dtype)
+    return x, scaled_rms_norm(x, ln)
 
 
 class BlockEntry(torch.autograd.Function):
