@@ -20,7 +20,6 @@ import math
 import os
 import random
 import struct
-import subprocess
 import sys
 import tempfile
 import threading
@@ -81,7 +80,6 @@ class Hyperparameters:
     dry_run: int = 0
     compile: int = 1
     compile_scope: str = "blocks"  # blocks: each piece compiled once, shared by all layers; model: the whole model
-    compile_workers: int = 1  # blocks: each graph compiled by a worker process at launch, into the on-disk cache
     # schedule and batch
     iterations: int = 20000
     max_wallclock_seconds: float = 600.0
@@ -1198,10 +1196,6 @@ class Block(nn.Module):
         # sharing a GEMM (_input_projections) nor with a branch scale folded in (scaled_projection).
         self.fused_linears = True
 
-    def structure(self) -> tuple:
-        """What tells this block's compiled graph from another layer's (compile workers split the graphs by it)."""
-        return self.parallel, self.attn.xsa, self.attn.attn_gate_w is not None
-
     def _input_projections(self, u: Tensor, linears: tuple) -> list[Tensor]:
         """The outputs of linears that read the same input u, as one GEMM: c_q, c_k, c_v (and, in a parallel block,
         fc). Also one GEMM for u's gradient, which otherwise sums one per linear. At the training shape on an H100
@@ -1997,156 +1991,13 @@ def compiled_graph_count() -> int:
     return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
 
-def compile_cache_hits() -> str:
-    """Graphs found in the on-disk caches (AOTAutograd: forward and backward together) vs compiled here."""
-    aot = torch._dynamo.utils.counters["aot_autograd"]
-    return f"cache hits:{aot['autograd_cache_hit']} misses:{aot['autograd_cache_miss']}"
-
-
-def micro_batch_seqs(hp: Hyperparameters) -> int:
-    """Sequences per micro-batch, on any GPU count: a step is 8 micro-batches, split over the ranks."""
-    return hp.train_batch_tokens // (8 * hp.train_seq_len)
-
-
-# --- compile workers -----------------------------------------------------------------------------------------------
-# The compile warm-up compiles the region graphs one after another on one core: ~30 s of a ~70 s cold start on an H100
-# host. The graphs do not depend on each other, so at launch one worker process per graph compiles it into inductor's
-# on-disk caches (FX graphs and AOTAutograd: those a second run on the machine reads) while this process loads the
-# data, picks the attention and builds the model; its warm-up then loads them. A worker runs the model's own forward
-# and backward, every other region call replaced by a stand-in shaped like its output, so that its graph gets the
-# inputs of a training step (views, the loader's target strides) and with them the cache key the warm-up looks up.
-
-COMPILE_WORKER_TIMEOUT_S = 300.0  # a worker still compiling then is stopped, and the warm-up compiles its graph
-
-
-def graph_key(fn, args) -> tuple:
-    """Which compiled graph a region call runs: the function, and for a block its structure."""
-    return (fn.__name__, *(args[0].structure() if isinstance(args[0], Block) else ()))
-
-
-class OneGraphRegions(Regions):
-    """Compiles the calls of one graph (compile_key; None compiles nothing) and stands in for every other region call
-    with a tensor shaped like its output; records each call's graph key, in order of first call."""
-
-    def __init__(self, backend=None, compile_key: tuple | None = None):
-        super().__init__(backend)
-        self.compile_key, self.keys = compile_key, []
-
-    def __call__(self, fn):
-        compiled = super().__call__(fn)
-
-        def call(*args):
-            key = graph_key(fn, args)
-            if key not in self.keys:
-                self.keys.append(key)
-            if key == self.compile_key:
-                return compiled(*args)
-            return args[1].float().mean() if fn is head_loss else args[1] * 1  # (model, h, ...) / (block, x, ...)
-        return call
-
-
-def region_graphs(hp: Hyperparameters) -> dict[tuple, bool]:
-    """The graphs a training step compiles: graph key -> the layer schedule (looping) that first calls it."""
-    with torch.device("meta"):
-        model = GPT(hp)
-        ids = torch.zeros(1, hp.train_seq_len, dtype=torch.long)
-    regions, first = OneGraphRegions(), {}
-    for looping in [False, True] if hp.num_loops > 0 else [False]:
-        model.looping = looping
-        model(ids, ids, False, regions)  # document isolation changes no block's structure
-        for key in regions.keys:
-            first.setdefault(key, looping)
-    return first
-
-
-def compile_worker(hp: Hyperparameters, key: tuple, looping: bool, attention: str, gpu: int, threads: int,
-                   torch_threads: int) -> None:
-    """A worker process (start_compile_workers): one forward and backward of the training step that compile `key`."""
-    import torch._inductor.config
-
-    torch._inductor.config.compile_threads = threads  # not in the cache key; the workers share the cores
-    torch.set_num_threads(torch_threads)  # the training process's: in the cache key
-    device = configure_device(gpu)
-    if configure_attention(attention) == "fa4":
-        # The graph holds FA4's ops by name and only needs their outputs' shapes: the import and the kernel builds
-        # (seconds each) stay in the training process
-        global _fa4_forward, _fa4_backward
-        _fa4_forward, _fa4_backward = _fa4_causal_fake, _fa4_causal_backward_fake
-    training_regions(hp)  # its dynamo settings
-    model = build_model(hp, device)
-    model.looping = looping
-    # Views of one [B, T + 1] tensor, as the loader's batches: the head graph's key includes the targets' strides
-    tokens = torch.randint(0, hp.vocab_size, (micro_batch_seqs(hp), hp.train_seq_len + 1), device=device)
-    ctx = RunContext(rank=0, world_size=1, local_rank=gpu, device=device)
-    with ctx.autocast(), sdpa_context():
-        loss = model(tokens[:, :-1], tokens[:, 1:], bool(hp.doc_isolated_attn), OneGraphRegions(COMPILE_BACKEND, key))
-    loss.backward()  # compiles the backward graph, and the cache entry is complete
-    print(f"compile_worker: {key} compiled", flush=True)
-
-
-# A worker runs this script's file under another module name (so not main()), however the training process started:
-# torchrun, python, or the records' compressed copy
-_WORKER_ENTRY = ("import json, runpy, sys; a = json.loads(sys.argv[2]); "
-                 "w = runpy.run_path(sys.argv[1], run_name='__compile_worker__'); "
-                 "w['compile_worker'](w['Hyperparameters'](**a['hp']), tuple(a['key']), *a['args'])")
-
-
-def start_compile_workers(hp: Hyperparameters) -> list | None:
-    """Local rank 0 starts a worker per graph (COMPILE_WORKERS=1, COMPILE_SCOPE=blocks), spread over the node's
-    GPUs; their logs go to <ARTIFACT_DIR>/compile_workers/."""
-    if not (hp.compile and hp.compile_workers and hp.compile_scope == "blocks" and COMPILE_BACKEND == "inductor"
-            and os.environ.get("LOCAL_RANK", "0") == "0"):
-        return None
-    graphs = region_graphs(hp)
-    # The choice configure_attention will make, where it needs no timing (explicit, FA3, FA4); for the timed SDPA
-    # race a worker runs its own, and a different pick only costs its graph a cache miss
-    attention = hp.attention_backend
-    if attention == "auto" and (_fa3_importable() or _fa4_usable()):
-        attention = _pick_attention_backend()
-    log_dir = os.path.join(hp.artifact_dir, "compile_workers")
-    os.makedirs(log_dir, exist_ok=True)
-    gpus = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    threads = max(1, (os.cpu_count() or 1) // (len(graphs) + 1))
-    workers = []
-    for i, (key, looping) in enumerate(graphs.items()):
-        log_path = os.path.join(log_dir, f"{i}_{'_'.join(map(str, key))}.log")
-        args = [looping, attention, i % gpus, threads, torch.get_num_threads()]
-        spec = json.dumps(dict(hp=dataclasses.asdict(hp), key=key, args=args))
-        with open(log_path, "w") as log:
-            proc = subprocess.Popen([sys.executable, "-c", _WORKER_ENTRY, os.path.abspath(__file__), spec],
-                                    stdout=log, stderr=subprocess.STDOUT)
-        workers.append((key, proc, log_path))
-    return workers
-
-
-def wait_for_compile_workers(workers: list | None, ctx: RunContext) -> None:
-    """Every rank starts its warm-up once the workers are done: one compiling meanwhile would repeat their work."""
-    if workers:
-        t0 = time.time()
-        failed = []
-        for key, proc, log_path in workers:
-            try:
-                proc.wait(max(1.0, COMPILE_WORKER_TIMEOUT_S - (time.time() - t0)))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            if proc.returncode != 0:
-                failed.append(f"{key} (exit {proc.returncode}, log {log_path})")
-        ctx.log(f"compile_workers: {len(workers) - len(failed)}/{len(workers)} graphs compiled, "
-                f"waited {time.time() - t0:.1f}s")
-        if failed:
-            ctx.log("WARNING: compile workers failed; the warm-up compiles their graphs: " + "; ".join(failed))
-    if ctx.distributed:
-        dist.barrier()
-
-
 class Trainer:
     """Owns the model, its compiled/DDP wrapper, the optimizers, the EMA and the data loader."""
 
     def __init__(self, hp: Hyperparameters, ctx: RunContext, model: GPT, train_files: list[str]):
         self.hp, self.ctx, self.model, self.train_files = hp, ctx, model, train_files
         self.grad_accum = 8 // ctx.world_size
-        self.micro_seqs = micro_batch_seqs(hp)
+        self.micro_seqs = hp.train_batch_tokens // (ctx.world_size * self.grad_accum * hp.train_seq_len)
         compiled, self.regions = model, training_regions(hp)
         if hp.compile and hp.compile_scope == "model":
             compiled = torch.compile(model, fullgraph=True, dynamic=False, backend=COMPILE_BACKEND)
@@ -3940,22 +3791,17 @@ def prepare_data(hp: Hyperparameters, ctx_rank: int):
     return train_files, val_files, val_tokens, tables
 
 
-def configure_device(local_rank: int) -> torch.device:
-    """This process's GPU (else the CPU) and its matmul precision, which compiled graphs depend on."""
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
-    device = torch.device("cuda", local_rank)
-    torch.cuda.set_device(device)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    torch.set_float32_matmul_precision("high")
-    return device
-
-
 def setup_distributed() -> RunContext:
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = configure_device(local_rank)
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")
+    else:
+        device = torch.device("cpu")
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
     return RunContext(rank=rank, world_size=world, local_rank=local_rank, device=device)
@@ -4070,20 +3916,18 @@ def write_summary(hp: Hyperparameters, ctx: RunContext, summary: dict) -> None:
         atomic_write_bytes(os.path.join(hp.artifact_dir, "summary.json"), json.dumps(summary, indent=2).encode())
 
 
-def train_and_quantize(hp, ctx, train_files, val_tokens, tables, script, artifact_path, summary, workers) -> None:
+def train_and_quantize(hp, ctx, train_files, val_tokens, tables, script, artifact_path, summary) -> None:
     seed_everything(hp.seed)
     model = build_model(hp, ctx.device)
     ctx.log(f"model_params:{sum(p.numel() for p in model.parameters())}")
     trainer = Trainer(hp, ctx, model, train_files)
     ctx.log(f"grad_accum_steps:{trainer.grad_accum} micro_batch_seqs:{trainer.micro_seqs}")
     STARTUP.mark("model")
-    wait_for_compile_workers(workers, ctx)
-    STARTUP.mark("compile_workers")
     t_warm = time.perf_counter()
     graphs = trainer.compile_warmup()
     STARTUP.mark("compile_warmup")
     ctx.log(f"compile_warmup: {time.perf_counter() - t_warm:.1f}s graphs per phase (plain, looped): {graphs} "
-            f"{compile_cache_hits()} COMPILE={hp.compile} COMPILE_SCOPE={hp.compile_scope}")
+            f"COMPILE={hp.compile} COMPILE_SCOPE={hp.compile_scope}")
     reserve_s = measure_gptq_reserve(hp, ctx, model, train_files, trainer.micro_seqs)
     STARTUP.mark("gptq_reserve")
     budget_ms = hp.max_wallclock_seconds * 1000 - reserve_s * 1000 if hp.max_wallclock_seconds > 0 else 0.0
@@ -4154,8 +3998,6 @@ def main() -> None:
         raise SystemExit(f"config error: ARTIFACT_PATH={hp.artifact_path} does not exist")
     train_files, val_files, val_tokens, byte_tables = prepare_data(hp, int(os.environ.get("RANK", "0")))
     STARTUP.mark("data")
-    # Once the data checks passed (an error exits at once), before the rest of the startup, which they overlap
-    workers = None if hp.eval_only else start_compile_workers(hp)
     ctx = setup_distributed()
     STARTUP.mark("distributed")
     os.makedirs(hp.artifact_dir, exist_ok=True)
@@ -4186,7 +4028,7 @@ def main() -> None:
     if hp.eval_only:
         ctx.log(f"EVAL_ONLY=1: evaluating {artifact_path} without training")
     else:
-        train_and_quantize(hp, ctx, train_files, val_tokens, tables, script, artifact_path, summary, workers)
+        train_and_quantize(hp, ctx, train_files, val_tokens, tables, script, artifact_path, summary)
     total, lines, fits = size_report(artifact_path, script, hp.compressor, hp.size_target_bytes > 0)
     for line in lines:
         ctx.log(line)

@@ -2,10 +2,6 @@
 schedules, trains like eager, and leaves the state dict alone; Muon compiles nothing.
 A counting backend or aot_eager stands in for inductor, so this runs in seconds on CPU."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +11,6 @@ from torch._dynamo.testing import CompileCounter
 import train_gpt as tg
 from test_training import make_trainer
 
-ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)  # 2 shared cores: a second intra-op thread makes these small ops several times slower
 
 
@@ -89,54 +84,3 @@ def test_muon_compiles_nothing(monkeypatch):
     muon.step()
     assert counter.frame_count == 0
     assert all(not torch.equal(a, p) for a, p in zip(before, params))
-
-
-def test_region_graphs_are_the_graphs_the_warmup_compiles(smoke_data, tmp_path, monkeypatch):
-    """The compile workers split the work by region_graphs: it must list each graph a training step compiles, once."""
-    counter = CompileCounter()
-    monkeypatch.setattr(tg, "COMPILE_BACKEND", counter)
-    hp, ctx, trainer = make_trainer(smoke_data, tmp_path, COMPILE="1", COMPILE_SCOPE="blocks", WARMUP_STEPS="1")
-    graphs = tg.region_graphs(hp)
-    assert list(graphs) == [("run_block", False, True, True), ("run_block_after_skip", False, True, True),
-                            ("run_block_after_skip", True, True, True), ("head_loss",)]
-    assert set(graphs.values()) == {False}  # the looped schedule calls no new structure
-    assert trainer.compile_warmup() == [len(graphs), 0]
-    # A config whose looped schedule brings a structure of its own: it is listed with looping True
-    hp = tg.load_hyperparameters({"SMOKE": "1", "NUM_LAYERS": "4", "LOOP_START": "1", "LOOP_END": "2",
-                                  "PARALLEL_RESIDUAL_START": "2", "XSA_LAST_N": "4"})
-    assert tg.region_graphs(hp) == {("run_block", False, True, True): False, ("run_block_after_skip", True, True, True): False,
-                                    ("head_loss",): False, ("run_block", True, True, True): True,
-                                    ("run_block_after_skip", False, True, True): True}
-
-
-WORKER_RUN = """
-import json, sys
-from pathlib import Path
-import torch
-import train_gpt as tg
-from test_training import make_trainer
-
-hp, ctx, trainer = make_trainer((sys.argv[1], sys.argv[2]), Path(sys.argv[3]), COMPILE="1", COMPILE_SCOPE="blocks",
-                                WARMUP_STEPS="1", NUM_LAYERS="2", NUM_LOOPS="0", PARALLEL_RESIDUAL_START="-1",
-                                ARTIFACT_DIR=sys.argv[3])
-workers = tg.start_compile_workers(hp)
-tg.wait_for_compile_workers(workers, ctx)
-graphs = trainer.compile_warmup()
-aot = torch._dynamo.utils.counters["aot_autograd"]
-print(json.dumps(dict(workers=len(workers), graphs=graphs, hits=aot["autograd_cache_hit"],
-                      misses=aot["autograd_cache_miss"])))
-"""
-
-
-def test_compile_workers_fill_the_cache_the_warmup_reads(smoke_data, tmp_path):
-    """Inductor on CPU, in a subprocess with a cache of its own: a worker per graph compiles it, then the training
-    process's warm-up finds every graph in the cache (what cuts the cold start on a GPU: README, compile workers)."""
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
-           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
-    proc = subprocess.run([sys.executable, "-c", WORKER_RUN, *smoke_data, str(tmp_path)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    # 2 layers, no parallel block: the encoder block, the decoder block after its skip mix, head + loss
-    assert result == dict(workers=3, graphs=[3], hits=3, misses=0), result
-    assert "compile_workers: 3/3 graphs compiled" in (tmp_path / "train.log").read_text()
