@@ -2016,17 +2016,19 @@ class Trainer:
                                              self.ctx.world_size, self.ctx.device)
         self.batch_ahead = None  # the next micro-batch, drawn before it is needed (see step)
 
-    def step(self, step: int, lr_mul: float) -> Tensor:
-        """One optimizer step over grad_accum micro-batches; returns the mean loss (on device, not synced)."""
+    def step(self, step: int, lr_mul: float, micro_batches: int | None = None) -> Tensor:
+        """One optimizer step over grad_accum micro-batches (or `micro_batches`); returns the mean loss (on device,
+        not synced)."""
+        micro_batches = micro_batches or self.grad_accum
         total = torch.zeros((), device=self.ctx.device)
-        for micro in range(self.grad_accum):
+        for micro in range(micro_batches):
             ahead, self.batch_ahead = self.batch_ahead, None
             x, y = ahead if ahead is not None else self.loader.next_batch(self.micro_seqs)
-            last = micro == self.grad_accum - 1
+            last = micro == micro_batches - 1
             sync_ctx = self.train_model.no_sync() if self.ctx.distributed and not last else nullcontext()
             with sync_ctx, self.ctx.autocast(), sdpa_context():
                 loss = self.train_model(x, y, bool(self.hp.doc_isolated_attn), self.regions)
-            (loss / self.grad_accum).backward()
+            (loss / micro_batches).backward()
             total += loss.detach()
         if self.hp.grad_clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.all_params, self.hp.grad_clip_norm)
@@ -2042,13 +2044,14 @@ class Trainer:
         # Drawn now, while the GPU still works through this step: drawn after the loss sync that ends a step, it left
         # the GPU idle ~2.3 ms per step on an H100 (bench/profile_step.py). The data order is the same.
         self.batch_ahead = self.loader.next_batch(self.micro_seqs)
-        return total / self.grad_accum
+        return total / micro_batches
 
     def compile_warmup(self) -> list[int]:
         """Compile the plain and the looped graphs on training batches, then restore the initial state.
 
-        Real steps are run (so optimizer kernels compile too); model and optimizer states are snapshotted before and
-        restored after, and the loader restarts, so training proper starts exactly from the initialization.
+        Real steps are run (so optimizer kernels compile too), each on one micro-batch: the graphs and the activation
+        memory are those of a full step, in an eighth of its GPU time. Model and optimizer states are snapshotted
+        before and restored after, and the loader restarts, so training proper starts exactly from the initialization.
         Returns the number of graphs each phase compiled (plain, then looped).
         """
         hp, ctx = self.hp, self.ctx
@@ -2065,7 +2068,7 @@ class Trainer:
             steps = 1 if looping and self.regions is not EAGER_REGIONS else hp.warmup_steps
             graphs_before = compiled_graph_count()
             for i in range(steps):
-                self.step(i, 1.0)
+                self.step(i, 1.0, micro_batches=1)
                 if i + 1 in (1, 2, 3, 4, 5, 6, steps) or (i + 1) % 10 == 0:
                     ctx.log(f"{'loop_warmup_step' if looping else 'warmup_step'}: {i + 1}/{steps}")
             new_graphs.append(compiled_graph_count() - graphs_before)

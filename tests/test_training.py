@@ -60,6 +60,19 @@ def test_compile_warmup_restores_the_initial_state(smoke_data, tmp_path):
     assert not trainer.model.looping
 
 
+def test_compile_warmup_runs_one_micro_batch_per_step(smoke_data, tmp_path):
+    """The warm-up compiles on one micro-batch per step (same graphs, an eighth of the GPU time); training steps run
+    grad_accum of them."""
+    hp, ctx, trainer = make_trainer(smoke_data, tmp_path, WARMUP_STEPS="2")
+    calls, model = [], trainer.train_model
+    trainer.train_model = lambda x, y, *args: (calls.append(trainer.model.looping), model(x, y, *args))[1]
+    trainer.compile_warmup()
+    assert trainer.grad_accum == 8 and calls == [False, False, True, True]  # two steps per phase (eager: no graphs)
+    calls.clear()
+    trainer.step(0, 1.0)
+    assert len(calls) == trainer.grad_accum
+
+
 def test_steps_read_the_micro_batches_in_loader_order(smoke_data, tmp_path):
     """Trainer.step draws the next step's first micro-batch ahead; the order must stay the loader's."""
     hp, ctx, trainer = make_trainer(smoke_data, tmp_path, WARMUP_STEPS="0")
