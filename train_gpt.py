@@ -1204,18 +1204,20 @@ class Block(nn.Module):
         out = F.linear(u, torch.cat([m.weight for m in linears]).to(u.dtype))
         return out.split([m.weight.size(0) for m in linears], dim=-1)
 
-    def _enter(self, x: Tensor, x0: Tensor, skip: tuple, lora) -> tuple[Tensor, Tensor, Tensor | None]:
-        """(x_in, u, the gate's copy of u's first channels or None): block_entry, with the fused backward where steps
-        have gradients (not the LoRA adapter steps, whose varying shapes would each compile the kernel)."""
+    def _enter(self, x: Tensor, x0: Tensor, skip: tuple, lora) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+        """(x_in, u, the gate's copy of u's first channels or None, x0 for the next block): block_entry, with the fused
+        backward where steps have gradients (not the LoRA adapter steps, whose varying shapes would each compile the
+        kernel)."""
         if lora is None and torch.is_grad_enabled() and fused_kernels_supported(x.device):
             gate_cols = ATTN_GATE_WINDOW if self.attn.attn_gate_w is not None else 0
-            x_in, u, gate_in = BlockEntry.apply(x, x0, self.resid_mix, self.ln_scale, gate_cols, *skip)
-            return x_in, u, gate_in if gate_cols else None
-        return *block_entry(x, x0, self.resid_mix, self.ln_scale, *skip), None
+            x_in, u, gate_in, x0 = BlockEntry.apply(x, x0, self.resid_mix, self.ln_scale, gate_cols, *skip)
+            return x_in, u, gate_in if gate_cols else None, x0
+        return *block_entry(x, x0, self.resid_mix, self.ln_scale, *skip), None, x0
 
-    def forward(self, x: Tensor, x0: Tensor, doc_mask=None, lora=None, skip: tuple = ()) -> Tensor:
-        """skip: (encoder output, gate, weight) for a decoder block that mixes in a U-Net skip first."""
-        x, u, gate_in = self._enter(x, x0, skip, lora)
+    def forward(self, x: Tensor, x0: Tensor, doc_mask=None, lora=None, skip: tuple = ()) -> tuple[Tensor, Tensor]:
+        """(output, x0 for the next block: see BlockEntry). skip: (encoder output, gate, weight) for a decoder block
+        that mixes in a U-Net skip first."""
+        x, u, gate_in, x0 = self._enter(x, x0, skip, lora)
         fc_shares_gemm = self.parallel and not self.mlp.runs_fused(u, lora)  # the fused MLP does its own fc
         fused = None
         if self.fused_linears:
@@ -1225,8 +1227,8 @@ class Block(nn.Module):
         x_attn = x + self.attn(u, doc_mask, lora, None if fused is None else fused[:3], self.attn_scale, fold, gate_in)
         if self.parallel:  # GPT-J style: attention and MLP read the same normalized input
             fc_out = fused[3] if fused is not None and fc_shares_gemm else None
-            return x_attn + self.mlp(u, lora, fc_out, self.mlp_scale, fold)
-        return x_attn + self.mlp(scaled_rms_norm(x_attn, self.ln_scale), lora, None, self.mlp_scale, fold)
+            return x_attn + self.mlp(u, lora, fc_out, self.mlp_scale, fold), x0
+        return x_attn + self.mlp(scaled_rms_norm(x_attn, self.ln_scale), lora, None, self.mlp_scale, fold), x0
 
 
 def layer_schedule(num_layers: int, loop_start: int, loop_end: int, num_loops: int, looping: bool):
@@ -1501,13 +1503,14 @@ BLOCK_ENTRY_TILES = {False: dict(ROWS=2, num_warps=4, PER_SM=4, STAGES=2),
 
 if triton is not None:
     @triton.jit
-    def _block_entry_bwd_kernel(g_in_ptr, g_u_ptr, g_gate_ptr, x_ptr, x0_ptr, skip_ptr, mix_ptr, ln_ptr, gate_ptr,
-                                weight_ptr, gx_ptr, gx0_ptr, gskip_ptr, sums_ptr, n_rows, D: tl.constexpr,
+    def _block_entry_bwd_kernel(g_in_ptr, g_u_ptr, g_gate_ptr, g_x0_ptr, x_ptr, x0_ptr, skip_ptr, mix_ptr, ln_ptr,
+                                gate_ptr, weight_ptr, gx_ptr, gx0_ptr, gskip_ptr, sums_ptr, n_rows, D: tl.constexpr,
                                 GATE_COLS: tl.constexpr, SKIP: tl.constexpr, ROWS: tl.constexpr,
                                 PROGRAMS: tl.constexpr, ITERS: tl.constexpr, STAGES: tl.constexpr):
         """Gradients of block_entry for g_in (of x_in: the residual path) and g_u (of u; its first GATE_COLS columns
-        also get g_gate, the gradient of the attention gate's copy of them). Per-channel factors are rounded to the
-        activations' dtype as the forward rounds them; the sums go to sums_ptr[program, (m0, m1[, gate, w]), D]."""
+        also get g_gate, the gradient of the attention gate's copy of them); x0's gradient also adds g_x0, the later
+        blocks' (BlockEntry). Per-channel factors are rounded to the activations' dtype as the forward rounds them; the
+        sums go to sums_ptr[program, (m0, m1[, gate, w]), D]."""
         cols = tl.arange(0, D)
         act = gx_ptr.dtype.element_ty
         m0 = tl.load(mix_ptr + cols).to(act).to(tl.float32)
@@ -1547,7 +1550,8 @@ if triton is not None:
             g_x_in += rstd * (g_hat - x_hat * (tl.sum(g_hat * x_hat, 1) / D)[:, None])
             sum_x += g_x_in * x
             sum_x0 += g_x_in * x0
-            tl.store(gx0_ptr + offsets, (m1 * g_x_in).to(gx0_ptr.dtype.element_ty), mask=inside)
+            g_x0 = tl.load(g_x0_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+            tl.store(gx0_ptr + offsets, (m1 * g_x_in + g_x0).to(gx0_ptr.dtype.element_ty), mask=inside)
             g_mixed = m0 * g_x_in
             if SKIP:
                 sum_skip += g_x_in * skip
@@ -1566,11 +1570,11 @@ if triton is not None:
             tl.store(sums, s_x)
 
     @torch.library.custom_op("pgolf::block_entry_backward", mutates_args=())
-    def _block_entry_backward_op(g_in: Tensor, g_u: Tensor, g_gate: Tensor, x: Tensor, x0: Tensor, mix: Tensor,
-                                 ln: Tensor, skip: Tensor | None, gate: Tensor | None,
+    def _block_entry_backward_op(g_in: Tensor, g_u: Tensor, g_gate: Tensor, g_x0: Tensor, x: Tensor, x0: Tensor,
+                                 mix: Tensor, ln: Tensor, skip: Tensor | None, gate: Tensor | None,
                                  weight: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(d x, d x0, d skip, per-channel sums [2 or 4, D]: d mix, then d gate and d w with a skip). Activations
-        [..., D] in one dtype; d skip is empty without a skip."""
+        """(d x, d x0 (this block's share plus g_x0), d skip, per-channel sums [2 or 4, D]: d mix, then d gate and d w
+        with a skip). Activations [..., D] in one dtype; d skip is empty without a skip."""
         D = x.size(-1)
         gx, gx0 = torch.empty_like(x), torch.empty_like(x0)
         gskip = torch.empty_like(skip) if skip is not None else x.new_empty(0)
@@ -1582,15 +1586,15 @@ if triton is not None:
                                                       dtype=torch.float32)
         if rows:
             _block_entry_bwd_kernel[(programs,)](
-                g_in.contiguous(), g_u.contiguous(), g_gate.contiguous(), x.contiguous(), x0.contiguous(),
-                skip.contiguous() if skip is not None else x, mix.contiguous(), ln, gate if skip is not None else mix,
-                weight if skip is not None else mix, gx, gx0, gskip, sums, rows, D=D, GATE_COLS=g_gate.size(-1),
-                SKIP=skip is not None, ROWS=cfg["ROWS"], PROGRAMS=programs, ITERS=triton.cdiv(blocks, programs),
+                g_in.contiguous(), g_u.contiguous(), g_gate.contiguous(), g_x0.contiguous(), x.contiguous(),
+                x0.contiguous(), skip.contiguous() if skip is not None else x, mix.contiguous(), ln,
+                gate if skip is not None else mix, weight if skip is not None else mix, gx, gx0, gskip, sums, rows,
+                D=D, GATE_COLS=g_gate.size(-1), SKIP=skip is not None, ROWS=cfg["ROWS"], PROGRAMS=programs, ITERS=triton.cdiv(blocks, programs),
                 STAGES=cfg["STAGES"], num_warps=cfg["num_warps"])
         return gx, gx0, gskip, sums.sum(0)
 
     @_block_entry_backward_op.register_fake
-    def _block_entry_backward_fake(g_in, g_u, g_gate, x, x0, mix, ln, skip, gate, weight):
+    def _block_entry_backward_fake(g_in, g_u, g_gate, g_x0, x, x0, mix, ln, skip, gate, weight):
         return (torch.empty_like(x), torch.empty_like(x0),
                 torch.empty_like(skip) if skip is not None else x.new_empty(0),
                 x.new_empty(2 if skip is None else 4, x.size(-1), dtype=torch.float32))
@@ -1608,19 +1612,21 @@ def block_entry(x: Tensor, x0: Tensor, mix: Tensor, ln: Tensor, skip: Tensor | N
 
 
 class BlockEntry(torch.autograd.Function):
-    """block_entry with its backward by the fused kernel; also returns a copy of u's first `gate_cols` columns for the
-    attention gate, so that their gradient reaches the kernel apart instead of as a sum written over all of u's."""
+    """block_entry with its backward by the fused kernel. Also returns a copy of u's first `gate_cols` columns for the
+    attention gate, so that their gradient reaches the kernel apart instead of as a sum written over all of u's, and
+    x0 again (a view), for the next block: the later blocks' gradient of x0 then reaches this block's kernel, which
+    adds it to its own, instead of autograd adding each block's in a kernel of its own (a bf16 add per block call)."""
 
     @staticmethod
     def forward(ctx, x, x0, mix, ln, gate_cols: int, skip=None, gate=None, weight=None):
         ctx.save_for_backward(x, x0, mix, ln, *(() if skip is None else (skip, gate, weight)))
         x_in, u = block_entry(x, x0, mix, ln, skip, gate, weight)
-        return x_in, u, u[..., :gate_cols].contiguous()
+        return x_in, u, u[..., :gate_cols].contiguous(), x0.view_as(x0)
 
     @staticmethod
-    def backward(ctx, g_in, g_u, g_gate):
+    def backward(ctx, g_in, g_u, g_gate, g_x0):
         x, x0, mix, ln, *skip = ctx.saved_tensors
-        gx, gx0, gskip, sums = torch.ops.pgolf.block_entry_backward(g_in, g_u, g_gate, x, x0, mix, ln,
+        gx, gx0, gskip, sums = torch.ops.pgolf.block_entry_backward(g_in, g_u, g_gate, g_x0, x, x0, mix, ln,
                                                                     *(skip or (None, None, None)))
         if not skip:
             return gx, gx0, sums.view_as(mix), None, None
@@ -1639,12 +1645,12 @@ class BlockEntry(torch.autograd.Function):
 COMPILE_BACKEND = "inductor"  # training compiles; tests put "aot_eager" or a counting backend here
 
 
-def run_block(block: Block, x: Tensor, x0: Tensor, doc_mask=None, lora=None) -> Tensor:
+def run_block(block: Block, x: Tensor, x0: Tensor, doc_mask=None, lora=None) -> tuple[Tensor, Tensor]:
     return block(x, x0, doc_mask, lora)
 
 
 def run_block_after_skip(block: Block, x: Tensor, skip: Tensor, gate: Tensor, weight: Tensor, x0: Tensor,
-                         doc_mask=None, lora=None) -> Tensor:
+                         doc_mask=None, lora=None) -> tuple[Tensor, Tensor]:
     """A decoder block with the skip mix before it, as one graph: the mixed stream is never written out, and the mix's
     backward fuses into the block's (H100, bench/profile_step.py: kernels 7.2 / 17.4 ms less per step before / after
     looping than a graph of its own). Costs the compile of two more block structures, as the last decoder block gets
@@ -1747,15 +1753,15 @@ class GPT(nn.Module):
         encoder, decoder = self.schedules[self.looping]
         skips = []
         for k, i in enumerate(encoder):
-            x = block(self.blocks[i], x, x0, doc_mask, None if lora is None else lora.layer(k))
+            x, x0 = block(self.blocks[i], x, x0, doc_mask, None if lora is None else lora.layer(k))
             skips.append(x.view_as(x))
         for k, i in enumerate(decoder):
             adapter = None if lora is None else lora.layer(len(encoder) + k)
             if k < self.skip_weights.size(0) and skips:
-                x = block_after_skip(self.blocks[i], x, skips.pop(), self.skip_gates[k], self.skip_weights[k], x0,
-                                     doc_mask, adapter)
+                x, x0 = block_after_skip(self.blocks[i], x, skips.pop(), self.skip_gates[k], self.skip_weights[k], x0,
+                                         doc_mask, adapter)
             else:
-                x = block(self.blocks[i], x, x0, doc_mask, adapter)
+                x, x0 = block(self.blocks[i], x, x0, doc_mask, adapter)
         return self.final_norm(x)
 
     def pre_softcap_logits(self, h: Tensor, lora=None) -> Tensor:

@@ -103,7 +103,7 @@ def time_block(block, x, x0, grad, iters: int) -> tuple[float, float, torch.Tens
     with torch.autocast("cuda", dtype=torch.bfloat16), tg.sdpa_context():
         def fwd_bwd():
             x.grad = x0.grad = None
-            region(block, x, x0).backward(grad)
+            region(block, x, x0)[0].backward(grad)
 
         def fwd():
             with torch.no_grad():
@@ -112,7 +112,7 @@ def time_block(block, x, x0, grad, iters: int) -> tuple[float, float, torch.Tens
         fwd_bwd()
         for p in block.parameters():
             p.grad = None
-        out = region(block, x, x0)
+        out = region(block, x, x0)[0]
         x.grad = x0.grad = None
         out.backward(grad)
         grads = [x.grad.clone(), x0.grad.clone()] + [p.grad.clone() for p in block.parameters()]

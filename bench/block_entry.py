@@ -35,12 +35,13 @@ def make_inputs(rows: int, skip: bool):
                    torch.randn(DIM, device="cuda", generator=g).requires_grad_()]
     grads = [torch.randn(rows, DIM, device="cuda", generator=g).bfloat16() for _ in range(2)]
     grads.append(torch.randn(rows, tg.ATTN_GATE_WINDOW, device="cuda", generator=g).bfloat16())
+    grads.append(torch.randn(rows, DIM, device="cuda", generator=g).bfloat16())  # x0's, from the later blocks
     return leaves, grads
 
 
 def inductor_entry(x, x0, mix, ln, *skip):
     x_in, u = tg.block_entry(x, x0, mix, ln, *skip)
-    return x_in, u, u[..., :tg.ATTN_GATE_WINDOW]
+    return x_in, u, u[..., :tg.ATTN_GATE_WINDOW], x0.view_as(x0)
 
 
 def fused_entry(x, x0, mix, ln, *skip):
@@ -85,7 +86,7 @@ def main():
                              max_rel_err=err))
             # The backward op alone; bytes: the gradients in, the activations it reads, the input gradients out.
             op_args = [*grads, *(t.detach() for t in leaves)] + ([] if skip else [None, None, None])
-            moved = (2 + (5 if skip else 4) + (3 if skip else 2)) * args.rows * DIM * 2
+            moved = (3 + (5 if skip else 4) + (3 if skip else 2)) * args.rows * DIM * 2
             for cfg in [default[skip]] + sweep:
                 tg.BLOCK_ENTRY_TILES = {**default, skip: cfg}  # read at each call of the op
                 ms = median_ms(lambda: torch.ops.pgolf.block_entry_backward(*op_args), args.iters)

@@ -47,14 +47,14 @@ def check_kernel(tg) -> dict:
         leaves = [act(), act(), torch.randn(2, D, generator=g), torch.tensor(0.7)]
         if skip:
             leaves += [act(), torch.randn(D, generator=g), torch.randn(D, generator=g)]
-        out_grads = [act(), act(), act(gate_cols)]
+        out_grads = [act(), act(), act(gate_cols), act()]  # the last: x0's gradient from the later blocks
 
         def fused(x, x0, mix, ln, *s):
             return tg.BlockEntry.apply(x, x0, mix, ln, gate_cols, *s)
 
         def reference(x, x0, mix, ln, *s):
             x_in, u = tg.block_entry(x, x0, mix, ln, *s)
-            return x_in, u, u[..., :gate_cols]
+            return x_in, u, u[..., :gate_cols], x0
 
         got = _grads(fused, leaves, out_grads)
         ref = _grads(reference, [t.float() for t in leaves], [t.float() for t in out_grads])
@@ -119,7 +119,8 @@ def interp():
 
 @pytest.mark.parametrize("case", [_case_name(c) for c in CASES])
 def test_kernel_gradients_match_autograd(interp, case):
-    """d x, d x0, d mix (and with a skip d skip, d gate, d w), each in its input's dtype as autograd expects."""
+    """d x, d x0 (with the later blocks' share added), d mix (and with a skip d skip, d gate, d w), each in its input's
+    dtype as autograd expects."""
     r = interp["kernel"][case]
     assert r["dtypes"] == r["ref_dtypes"]
     assert max(r["errors"]) <= RTOL[case.split("_")[-1]], r
@@ -145,8 +146,8 @@ def test_cpu_without_interpreter_takes_plain_path():
                                   "NUM_KV_HEADS": "2"})
     block, x = tg.Block(hp, 0), torch.randn(1, 4, 64)
     assert not tg.TRITON_INTERPRET
-    x_in, u, gate_in = block._enter(x, x, (), None)
-    assert gate_in is None
+    x_in, u, gate_in, x0_next = block._enter(x, x, (), None)
+    assert gate_in is None and x0_next is x
     ref = tg.block_entry(x, x, block.resid_mix, block.ln_scale)
     assert torch.equal(x_in, ref[0]) and torch.equal(u, ref[1])
 
@@ -167,7 +168,8 @@ def test_default_tiles_compile_for_hopper_without_spills(skip, tmp_path):
     import train_gpt as tg
 
     cfg = tg.BLOCK_ENTRY_TILES[skip]
-    bf16 = ("g_in_ptr", "g_u_ptr", "g_gate_ptr", "x_ptr", "x0_ptr", "skip_ptr", "gx_ptr", "gx0_ptr", "gskip_ptr")
+    bf16 = ("g_in_ptr", "g_u_ptr", "g_gate_ptr", "g_x0_ptr", "x_ptr", "x0_ptr", "skip_ptr", "gx_ptr", "gx0_ptr",
+            "gskip_ptr")
     fp32 = ("mix_ptr", "ln_ptr", "gate_ptr", "weight_ptr", "sums_ptr")
     runtime = {**{n: "*bf16" for n in bf16}, **{n: "*fp32" for n in fp32}, "n_rows": "i32"}
     signature = {name: runtime.get(name, "constexpr") for name in tg._block_entry_bwd_kernel.arg_names}
