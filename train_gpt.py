@@ -1589,8 +1589,8 @@ if triton is not None:
                 g_in.contiguous(), g_u.contiguous(), g_gate.contiguous(), g_x0.contiguous(), x.contiguous(),
                 x0.contiguous(), skip.contiguous() if skip is not None else x, mix.contiguous(), ln,
                 gate if skip is not None else mix, weight if skip is not None else mix, gx, gx0, gskip, sums, rows,
-                D=D, GATE_COLS=g_gate.size(-1), SKIP=skip is not None, ROWS=cfg["ROWS"], PROGRAMS=programs, ITERS=triton.cdiv(blocks, programs),
-                STAGES=cfg["STAGES"], num_warps=cfg["num_warps"])
+                D=D, GATE_COLS=g_gate.size(-1), SKIP=skip is not None, ROWS=cfg["ROWS"], PROGRAMS=programs,
+                ITERS=triton.cdiv(blocks, programs), STAGES=cfg["STAGES"], num_warps=cfg["num_warps"])
         return gx, gx0, gskip, sums.sum(0)
 
     @_block_entry_backward_op.register_fake
