@@ -1587,7 +1587,7 @@ if triton is not None:
         if rows:
             _block_entry_bwd_kernel[(programs,)](
                 g_in.contiguous(), g_u.contiguous(), g_gate.contiguous(), g_x0.contiguous(), x.contiguous(),
-                x0.contiguous(), skip.contiguous() if skip is not None else x, mix.contiguous(), ln,
+                x0.contiguous(), skip.contiguous() if skip is not None else x, mix, ln,
                 gate if skip is not None else mix, weight if skip is not None else mix, gx, gx0, gskip, sums, rows,
                 D=D, GATE_COLS=g_gate.size(-1), SKIP=skip is not None, ROWS=cfg["ROWS"], PROGRAMS=programs,
                 ITERS=triton.cdiv(blocks, programs), STAGES=cfg["STAGES"], num_warps=cfg["num_warps"])

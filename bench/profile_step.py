@@ -5,11 +5,11 @@
 Builds the default model and Trainer exactly as train_gpt.py does (one GPU, same data env vars), runs the compile
 warm-up (twice: the second, with nothing left to compile, times the warm-up's own steps), then per phase (looping
 off, then on) times `--steps` optimizer steps without the profiler (the true wall time), profiles as many again, and
-traces one more step. Prints per phase the step time, the share of each kernel
-category (matmul, attention, fused elementwise, optimizer, communication, other), the top kernels and the GPU idle
-time inside the traced step (gaps between kernels, with the CPU op that was running when each long gap began);
-writes <out>/profile_step.json and the traces. Categories are by kernel name, so they are approximate; the profiler
-slows the CPU side, so idle time is read from the trace but the step time from the unprofiled run.
+traces one more step. Prints per phase the step time, the share of each kernel category (matmul, attention, fused
+elementwise, optimizer, communication, other), the top kernels and the GPU idle time inside the traced step (gaps
+between kernels, with the CPU op that was running when each long gap began); writes <out>/profile_step.json and
+the traces. Categories are by kernel name, so they are approximate; the profiler slows the CPU side, so idle time is
+read from the trace but the step time from the unprofiled run.
 """
 import argparse
 import gzip
@@ -138,8 +138,7 @@ def main():
                   phases=[profile_phase(trainer, looping, args.steps, out) for looping in (False, True)])
     write_result(out, "profile_step.json", result)
     print(f"attention:{backend} compile_warmup:{warmup_s:.1f}s (again, nothing to compile: {rerun_s:.1f}s) "
-          f"micro_seqs:{trainer.micro_seqs} "
-          f"mlp_tiles:{json.dumps(tg.FUSED_MLP_TILES)}")
+          f"micro_seqs:{trainer.micro_seqs} mlp_tiles:{json.dumps(tg.FUSED_MLP_TILES)}")
     print(compile_times)
     for ph in result["phases"]:
         print(f"\nlooping={ph['looping']}: wall {ph['wall_ms_per_step']:.1f} ms/step, "
