@@ -7,6 +7,7 @@ Every hyperparameter comes from an environment variable (README.md has the table
 from __future__ import annotations
 
 import ast
+import atexit
 import base64
 import copy
 import dataclasses
@@ -20,9 +21,9 @@ import math
 import os
 import random
 import struct
+import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 PROCESS_START = time.time()  # before the heavy imports: launch -> first timed step includes them
@@ -795,38 +796,9 @@ def _fa4_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
     return dq.contiguous(), dk.contiguous(), dv.contiguous()  # as the fake says, whatever the inputs' strides
 
 
-_FA4_WARMUP = None  # the thread of start_fa4_warmup
-
-
-def start_fa4_warmup(hp: Hyperparameters, device: torch.device) -> None:
-    """FA4 takes seconds to import and compiles each kernel on its first call (19 s for forward and backward on a
-    fresh H100): do both on a thread, with the model's head layout, while the main thread builds the model and traces
-    its graphs. The first real call waits for it."""
-    global _FA4_WARMUP
-    D = hp.model_dim // hp.num_heads
-
-    def warm():
-        with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
-            # FA4 picks kernel variants by shape; at 8 rows of the training length the compile warm-up that followed
-            # took no longer than cuDNN's on the same H100 (46.2 vs 50.8 s): training's calls found their kernels built
-            q = torch.zeros(8, hp.train_seq_len, hp.num_heads, D, device=device, dtype=torch.bfloat16)
-            k = torch.zeros(8, hp.train_seq_len, hp.num_kv_heads, D, device=device, dtype=torch.bfloat16)
-            out, lse = _fa4_forward(q, k, k)
-            _fa4_backward(out, q, k, k, out, lse)
-
-    _FA4_WARMUP = threading.Thread(target=warm, name="fa4_warmup", daemon=True)
-    _FA4_WARMUP.start()
-
-
-def _fa4_wait() -> None:
-    """FA4's kernel cache is not meant for two threads compiling at once: the first real call joins the warm-up."""
-    if _FA4_WARMUP is not None:
-        _FA4_WARMUP.join()
-
-
 @torch.library.custom_op("pgolf::fa4_causal", mutates_args=())
 def _fa4_causal_op(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    _fa4_wait()
+    kernel_warmup_wait()
     return _fa4_forward(q, k, v)
 
 
@@ -839,7 +811,6 @@ def _fa4_causal_fake(q, k, v):
 @torch.library.custom_op("pgolf::fa4_causal_backward", mutates_args=())
 def _fa4_causal_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                             lse: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    _fa4_wait()
     return _fa4_backward(dout, q, k, v, out, lse)
 
 
@@ -880,7 +851,7 @@ def _fa4_usable() -> bool:
         return False
     # Its kernels compile on first use in each process (~20 s on an H100): keep them on disk for the next run.
     os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
-    # Found, not imported: the import takes seconds, and start_fa4_warmup does it on a thread.
+    # Found, not imported: the import takes seconds, and the trainer's first FA4 call does it (kernel_warmup_wait).
     spec = importlib.util.find_spec("flash_attn")
     return spec is not None and any(Path(p, "cute", "interface.py").is_file()
                                     for p in spec.submodule_search_locations or ())
@@ -1326,6 +1297,7 @@ if triton is not None:
     @torch.library.custom_op("pgolf::softcap_ce", mutates_args=())
     def _softcap_ce_op(z: Tensor, targets: Tensor, cap: float) -> tuple[Tensor, Tensor]:
         """Per-row (loss, logsumexp) in fp32. z: [N, V] pre-softcap logits (bf16 or fp32); targets: [N] in [0, V)."""
+        kernel_warmup_wait()
         z, targets = z.contiguous(), targets.contiguous()
         loss = torch.empty(z.size(0), device=z.device, dtype=torch.float32)
         lse = torch.empty_like(loss)
@@ -1443,6 +1415,7 @@ if TensorDescriptor is not None:
     @torch.library.custom_op("pgolf::leaky_relu_sq_mlp", mutates_args=())
     def _leaky_relu_sq_mlp_op(u: Tensor, w_fc: Tensor, w_proj: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(out, pre, post): out = leaky(u·w_fcᵀ)²·w_projᵀ for u [N, dim]; pre and post are kept for the backward."""
+        kernel_warmup_wait()
         u = u.contiguous()
         pre = u.new_empty(u.size(0), w_fc.size(0))
         post = torch.empty_like(pre)
@@ -1781,8 +1754,15 @@ CONTROL_PARAM_NAMES = ("q_gain", "attn_scale", "mlp_scale", "resid_mix", "skip_w
 
 def build_model(hp: Hyperparameters, device) -> GPT:
     """bf16 embedding on CUDA (fp32 on CPU); fp32 linear weights and control tensors (they are small and
-    sensitive)."""
-    model = GPT(hp).to(device)
+    sensitive). Initialized on one CPU thread, the same on every machine: at start-up, beside the compile workers and
+    the kernel warm-up, MKL's threads spun for 11-17 s over the orthogonal inits (H100 host, 16 cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = GPT(hp)
+    finally:
+        torch.set_num_threads(threads)
+    model = model.to(device)
     model.tok_emb.weight.data = model.tok_emb.weight.data.to(torch.bfloat16 if device.type == "cuda" else torch.float32)
     return model
 
@@ -1997,13 +1977,105 @@ def compiled_graph_count() -> int:
     return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
 
+def micro_batching(hp: Hyperparameters, world_size: int) -> tuple[int, int]:
+    """(micro-batches per step, sequences per micro-batch): eight micro-batches over all GPUs keep the batch."""
+    grad_accum = 8 // world_size
+    return grad_accum, hp.train_batch_tokens // (world_size * grad_accum * hp.train_seq_len)
+
+
+# --- kernel warm-up -----------------------------------------------------------------------------------------------
+# FA4's kernels and the fused Triton ones compile on their first call, outside inductor: about 20 s of FA4 and seconds
+# of Triton on a fresh H100, on the Python thread that also traces the model's graphs (on a thread of its own, FA4's
+# share held the GIL: the model build beside it took 10-14 s instead of 1.1-1.6). Processes of their own compile them
+# meanwhile, into the disk caches of FA4 and Triton, where the trainer's first calls find them: one process for FA4,
+# one for the Triton kernels, as each has seconds of compiling on its one thread. The first kernel call waits for both.
+_KERNEL_WARMUP = {}  # processes, output files and start time of start_kernel_warmup; then the report of the wait
+KERNEL_WARMUP_PARTS = ("attention", "triton")
+
+
+def start_kernel_warmup(device: torch.device) -> None:
+    """Start warm_kernels for each part, in a process of its own: this script's file, run under another module name."""
+    if triton is not None:  # inductor points Triton at a cache of its own at its first graph: one cache for all
+        os.environ.setdefault("TRITON_CACHE_DIR", triton.knobs.cache.dir)
+    code = "import runpy, sys; runpy.run_path(sys.argv[1], run_name='kernel_warmup')['warm_kernels'](*sys.argv[2:])"
+    for part in KERNEL_WARMUP_PARTS:
+        out = tempfile.TemporaryFile()
+        proc = subprocess.Popen([sys.executable, "-c", code, os.path.abspath(__file__), part, str(device)],
+                                stdout=out, stderr=subprocess.STDOUT)
+        atexit.register(proc.kill)  # a trainer that stops early (bad input) leaves none running; no-op once ended
+        _KERNEL_WARMUP[part] = proc, out
+    _KERNEL_WARMUP["t0"] = time.perf_counter()
+
+
+def warm_kernels(part: str, device: str) -> None:
+    """A warm-up process, with the trainer's settings (its environment) and a training micro-batch's shapes."""
+    hp, device = load_hyperparameters(), torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    seqs = micro_batching(hp, int(os.environ.get("WORLD_SIZE", "1")))[1]
+    (warm_attention if part == "attention" else warm_triton_kernels)(hp, device, seqs)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    sys.stdout.flush()
+    os._exit(0)  # the caches are written; the interpreter's teardown (~1.5 s on an H100 host) would delay the trainer
+
+
+def warm_attention(hp: Hyperparameters, device: torch.device, seqs: int) -> None:
+    """FA4's forward and backward, if ATTENTION_BACKEND picks it (its kernels are chosen by shape, not by strides)."""
+    if configure_attention(hp.attention_backend, "sdpa_mask") != "fa4":
+        return
+    D = hp.model_dim // hp.num_heads
+    q = torch.zeros(seqs, hp.train_seq_len, hp.num_heads, D, device=device, dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.zeros(seqs, hp.train_seq_len, hp.num_kv_heads, D, device=device, dtype=torch.bfloat16,
+                        requires_grad=True) for _ in range(2))
+    causal_attention(q, k, v).sum().backward()
+
+
+def warm_triton_kernels(hp: Hyperparameters, device: torch.device, seqs: int) -> None:
+    """One forward and backward of the model, eager, on random tokens, with SDPA attention (FA4 is the other part's)."""
+    configure_attention("sdpa_flash" if device.type == "cuda" else "sdpa_math", "sdpa_mask")
+    with device:  # initialized on the GPU: on the CPU it would take the cores from the trainer
+        model = build_model(hp, device)
+    ids = torch.randint(hp.vocab_size, (seqs, hp.train_seq_len + 1), device=device)
+    with torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext():
+        loss = model(ids[:, :-1], ids[:, 1:])
+    loss.backward()
+
+
+def kernel_warmup_wait() -> None:
+    """Called by each kernel op: the first call waits for the warm-up processes, as it would compile their kernels."""
+    if "t0" not in _KERNEL_WARMUP:
+        return
+    if ATTENTION_BACKEND == "fa4":  # the trainer's own import of FA4 (seconds) overlaps the warm-up's end
+        import flash_attn.cute.interface  # noqa: F401
+    t0 = time.perf_counter()
+    report = dict(before=t0 - _KERNEL_WARMUP.pop("t0"), failed={})
+    for part in KERNEL_WARMUP_PARTS:
+        proc, out = _KERNEL_WARMUP.pop(part)
+        if proc.wait() != 0:
+            out.seek(0)
+            report["failed"][part] = proc.returncode, out.read().decode(errors="replace").strip().splitlines()[-3:]
+    _KERNEL_WARMUP["report"] = dict(report, waited=time.perf_counter() - t0)
+
+
+def kernel_warmup_report() -> str | None:
+    """A line for the log once the warm-up has been waited for; with the last output of a part that failed (harmless:
+    the trainer then compiles those kernels itself)."""
+    r = _KERNEL_WARMUP.get("report")
+    if r is None:
+        return None
+    line = f"kernel_warmup: the first kernel call came {r['before']:.1f}s after its start and waited {r['waited']:.1f}s"
+    for part, (rc, tail) in r["failed"].items():
+        line += f"; WARNING: part {part} exited with {rc} (the trainer compiled its kernels itself): {' | '.join(tail)}"
+    return line
+
+
 class Trainer:
     """Owns the model, its compiled/DDP wrapper, the optimizers, the EMA and the data loader."""
 
     def __init__(self, hp: Hyperparameters, ctx: RunContext, model: GPT, train_files: list[str]):
         self.hp, self.ctx, self.model, self.train_files = hp, ctx, model, train_files
-        self.grad_accum = 8 // ctx.world_size
-        self.micro_seqs = hp.train_batch_tokens // (ctx.world_size * self.grad_accum * hp.train_seq_len)
+        self.grad_accum, self.micro_seqs = micro_batching(hp, ctx.world_size)
         compiled, self.regions = model, training_regions(hp)
         if hp.compile and hp.compile_scope == "model":
             compiled = torch.compile(model, fullgraph=True, dynamic=False, backend=COMPILE_BACKEND)
@@ -3937,6 +4009,8 @@ def train_and_quantize(hp, ctx, train_files, val_tokens, tables, script, artifac
     STARTUP.mark("compile_warmup")
     ctx.log(f"compile_warmup: {time.perf_counter() - t_warm:.1f}s graphs per phase (plain, looped): {graphs} "
             f"COMPILE={hp.compile} COMPILE_SCOPE={hp.compile_scope}")
+    if kernel_warmup_report():
+        ctx.log(kernel_warmup_report())
     reserve_s = measure_gptq_reserve(hp, ctx, model, train_files, trainer.micro_seqs)
     STARTUP.mark("gptq_reserve")
     budget_ms = hp.max_wallclock_seconds * 1000 - reserve_s * 1000 if hp.max_wallclock_seconds > 0 else 0.0
@@ -4007,8 +4081,17 @@ def main() -> None:
         raise SystemExit(f"config error: ARTIFACT_PATH={hp.artifact_path} does not exist")
     train_files, val_files, val_tokens, byte_tables = prepare_data(hp, int(os.environ.get("RANK", "0")))
     STARTUP.mark("data")
+    if torch.cuda.is_available():  # first: it has seconds of imports and compiles to do before training's first kernel
+        start_kernel_warmup(torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))))
+        STARTUP.mark("kernel_warmup")
     ctx = setup_distributed()
     STARTUP.mark("distributed")
+    if hp.compile and ctx.device.type == "cuda":
+        # Inductor starts its compile workers at its first graph, and they take seconds to start: now, they are ready
+        from torch._inductor.async_compile import maybe_warm_pool
+
+        maybe_warm_pool()
+        STARTUP.mark("compile_workers")
     os.makedirs(hp.artifact_dir, exist_ok=True)
     ctx.log_path = os.path.join(hp.artifact_dir, "train.log")
     ctx.metrics_path = os.path.join(hp.artifact_dir, "metrics.jsonl")
@@ -4017,8 +4100,6 @@ def main() -> None:
     ctx.log(f"val_tokens: {val_tokens.numel() - 1}")
     gpu = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu"
     dense = configure_attention(hp.attention_backend)
-    if dense == "fa4":
-        start_fa4_warmup(hp, ctx.device)
     STARTUP.mark("attention_probe")
     ctx.log(f"world_size:{ctx.world_size} device:{gpu} torch:{torch.__version__} python:{sys.version.split()[0]} "
             f"attention:{dense} doc_attention:{DOC_ATTENTION_BACKEND if hp.doc_isolated_attn else 'off'}")

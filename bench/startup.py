@@ -6,11 +6,12 @@ the fused Triton kernels (training pays those inside its compile warm-up).
 Times, in order and each once (first calls are the point): CUDA context creation, then for each SDPA backend its
 first forward + backward at the probe's shape (16 rows) and the median of 10 more, then cuDNN's first call at the
 training shape (48 rows), the FlexAttention import, and train_gpt.configure_attention() as start-up runs it (after
-all of the above, so its cost here is what is left once libraries and kernels are loaded); with FA4 installed, its
-warm-up thread (import + kernel compile, joined) and then its first call at the training shape, which should find
-its kernels compiled (FA4's cache is a fresh directory unless FLASH_ATTENTION_CUTE_DSL_CACHE_DIR is set); then the
-first and second forward + backward of the fused CE and the fused MLP (the first compiles their Triton kernels: the
-cache is a fresh directory unless TRITON_CACHE_DIR is set). Prints a table and writes <out>/startup.json.
+all of the above, so its cost here is what is left once libraries and kernels are loaded); then the first and second
+forward + backward of the fused CE and the fused MLP (the first compiles their Triton kernels: the cache is a fresh
+directory unless TRITON_CACHE_DIR is set); then the kernel warm-up processes, started and waited for as training's
+first kernel call waits (start_kernel_warmup), and with FA4 installed its first call at the training shape, which
+should find its kernels compiled by them (FA4's cache is a fresh directory unless FLASH_ATTENTION_CUTE_DSL_CACHE_DIR is
+set). Prints a table and writes <out>/startup.json.
 """
 import argparse
 import os
@@ -92,17 +93,18 @@ def main():
     t0 = time.perf_counter()
     rows["configure_attention"] = tg.configure_attention()
     rows["configure_attention_s"] = time.perf_counter() - t0
-    if tg._fa4_usable():  # as start-up runs it; then a training-shape call must find its kernels compiled
-        t0 = time.perf_counter()
-        tg.start_fa4_warmup(tg.load_hyperparameters(), torch.device("cuda"))
-        tg._fa4_wait()
-        rows["fa4_warmup_s"] = time.perf_counter() - t0
-        q, k, v = (torch.randn(48, 2048, h, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-                   for h in (8, 4, 4))
-        rows["fa4_first_call_48_rows_s"] = timed(lambda: tg.fa4_causal(q, k, v).sum().backward())
     for name, call in fused_kernel_calls(tg).items():  # Triton compiles each kernel on its first call
         rows[f"{name}_first_call_s"] = timed(call)
         rows[f"{name}_second_call_s"] = timed(call)
+    t0 = time.perf_counter()
+    tg.start_kernel_warmup(torch.device("cuda"))
+    tg.kernel_warmup_wait()
+    rows["kernel_warmup_s"] = time.perf_counter() - t0
+    rows["kernel_warmup"] = tg.kernel_warmup_report()
+    if tg.ATTENTION_BACKEND == "fa4":
+        q, k, v = (torch.randn(48, 2048, h, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                   for h in (8, 4, 4))
+        rows["fa4_first_call_48_rows_s"] = timed(lambda: tg.fa4_causal(q, k, v).sum().backward())
     write_result(args.out, "startup.json", dict(device=torch.cuda.get_device_name(), torch=torch.__version__, **rows))
     for key, value in rows.items():
         print(f"{key:<32}{value:.3f}" if isinstance(value, float) else f"{key:<32}{value}")

@@ -3,7 +3,9 @@
 FlashAttention-4's kernels only run on a GPU (bench/attention.py times and checks them there). Here a stand-in module
 with its two entry points' signatures and return conventions computes them in plain torch, so what is tested is
 train_gpt's side: layouts, the LSE kept for the backward, gradients of q, k and v, and one graph under compile."""
+import subprocess
 import sys
+import time
 import types
 
 import pytest
@@ -134,7 +136,7 @@ def test_a_named_backend_that_cannot_run_here_says_how_to_fix_it():
         tg.configure_attention("sdpa_math")
 
 
-def test_warmup_thread_compiles_the_models_head_layout_before_the_first_call(fa4, monkeypatch):
+def test_attention_warmup_compiles_fa4_at_a_training_micro_batchs_shapes(fa4, monkeypatch):
     interface = sys.modules["flash_attn.cute.interface"]
     calls = []
 
@@ -146,16 +148,26 @@ def test_warmup_thread_compiles_the_models_head_layout_before_the_first_call(fa4
 
     for name in ("_flash_attn_fwd", "_flash_attn_bwd"):
         monkeypatch.setattr(interface, name, recording(name, getattr(interface, name)))
-    hp = tg.load_hyperparameters({"SMOKE": "1"})
-    monkeypatch.setattr(tg, "_FA4_WARMUP", None)  # restored after the test: later tests see no warm-up thread
-    tg.start_fa4_warmup(hp, torch.device("cpu"))
-    q, k, v = qkv(H=hp.num_heads, Hkv=hp.num_kv_heads, D=hp.model_dim // hp.num_heads)
-    grads(tg.causal_attention, q, k, v)  # joins the warm-up first
-    assert not tg._FA4_WARMUP.is_alive()
-    shapes = ((8, hp.train_seq_len, hp.num_heads, hp.model_dim // hp.num_heads),
-              (8, hp.train_seq_len, hp.num_kv_heads, hp.model_dim // hp.num_heads))
-    assert calls[:2] == [("_flash_attn_fwd", *shapes), ("_flash_attn_bwd", *shapes)]
-    assert [c[0] for c in calls[2:]] == ["_flash_attn_fwd", "_flash_attn_bwd"]
+    hp = tg.load_hyperparameters({"SMOKE": "1", "ATTENTION_BACKEND": "fa4"})
+    tg.warm_attention(hp, torch.device("cpu"), seqs=3)
+    D = hp.model_dim // hp.num_heads
+    shapes = (3, hp.train_seq_len, hp.num_heads, D), (3, hp.train_seq_len, hp.num_kv_heads, D)
+    assert calls == [("_flash_attn_fwd", *shapes), ("_flash_attn_bwd", *shapes)]
+
+
+def test_the_first_fa4_call_waits_for_the_kernel_warmup_processes(fa4, monkeypatch, tmp_path):
+    """It would compile the kernels they are compiling: it goes on once both have ended, and reports the wait."""
+    monkeypatch.setattr(tg, "_KERNEL_WARMUP", {})  # restored after the test: later tests see no warm-up
+    for part in tg.KERNEL_WARMUP_PARTS:
+        out = open(tmp_path / part, "w+b")
+        tg._KERNEL_WARMUP[part] = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1)"]), out
+    procs = [tg._KERNEL_WARMUP[part][0] for part in tg.KERNEL_WARMUP_PARTS]
+    tg._KERNEL_WARMUP["t0"] = time.perf_counter()
+    grads(tg.causal_attention, *qkv())
+    assert [p.poll() for p in procs] == [0, 0]
+    assert tg.kernel_warmup_report().startswith("kernel_warmup: the first kernel call came")
+    grads(tg.causal_attention, *qkv())  # later calls find nothing to wait for
+    assert list(tg._KERNEL_WARMUP) == ["report"]
 
 
 def test_lora_adapter_steps_leave_fa4_for_sdpa(fa4, monkeypatch):

@@ -1,0 +1,72 @@
+"""The kernel warm-up (section 5): processes beside the trainer compile FA4's and the fused Triton kernels into their
+disk caches, with the trainer's settings and a training micro-batch's shapes; the trainer's first kernel call waits
+for them. (The compiles themselves, and the cold start they save, are measured on the GPU: README, Speed.)"""
+import torch
+
+import train_gpt as tg
+
+
+def test_micro_batching_keeps_the_batch_on_any_number_of_gpus():
+    hp = tg.load_hyperparameters({})
+    for world in (1, 2, 4, 8):
+        grad_accum, seqs = tg.micro_batching(hp, world)
+        assert world * grad_accum * seqs * hp.train_seq_len == hp.train_batch_tokens == 786_432
+
+
+def test_the_model_is_initialized_the_same_whatever_the_thread_count():
+    hp = tg.load_hyperparameters({"SMOKE": "1"})
+    threads = torch.get_num_threads()
+    states = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            torch.manual_seed(0)
+            states.append(tg.build_model(hp, torch.device("cpu")).state_dict())
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.get_num_threads() == threads
+    for name, t in states[0].items():
+        assert torch.equal(t, states[1][name]), name
+
+
+def test_triton_part_runs_one_forward_and_backward_of_a_training_micro_batch(monkeypatch):
+    hp = tg.load_hyperparameters({"SMOKE": "1"})
+    built, seen = [], []
+
+    def build(hp, device):
+        model = real_build(hp, device)
+        model.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape)))
+        built.append(model)
+        return model
+
+    real_build = tg.build_model
+    monkeypatch.setattr(tg, "build_model", build)
+    try:
+        tg.warm_triton_kernels(hp, torch.device("cpu"), seqs=2)
+    finally:
+        tg.configure_attention("sdpa_math")
+    assert seen == [(2, hp.train_seq_len)]
+    assert all(p.grad is not None for p in built[0].parameters())  # the backward reached every weight
+
+
+def test_warmup_processes_run_this_script_with_the_trainers_settings(monkeypatch, tmp_path):
+    monkeypatch.setattr(tg, "_KERNEL_WARMUP", {})
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))  # as the trainer's, whatever set it
+    monkeypatch.setenv("SMOKE", "1")
+    tg.start_kernel_warmup(torch.device("cpu"))
+    tg.kernel_warmup_wait()
+    report = tg._KERNEL_WARMUP["report"]
+    assert report["failed"] == {}
+    assert "WARNING" not in tg.kernel_warmup_report()
+
+
+def test_a_failed_warmup_part_is_reported_and_the_trainer_goes_on(monkeypatch, tmp_path):
+    """A bad setting in the environment stops both parts; the first kernel call logs why, and then compiles itself."""
+    monkeypatch.setattr(tg, "_KERNEL_WARMUP", {})
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
+    monkeypatch.setenv("TRAIN_SEQ_LEN", "abc")
+    tg.start_kernel_warmup(torch.device("cpu"))
+    tg.kernel_warmup_wait()
+    assert set(tg._KERNEL_WARMUP["report"]["failed"]) == set(tg.KERNEL_WARMUP_PARTS)
+    line = tg.kernel_warmup_report()
+    assert "WARNING: part attention exited with 1" in line and "TRAIN_SEQ_LEN='abc' is not a valid int" in line
