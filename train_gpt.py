@@ -1995,8 +1995,9 @@ KERNEL_WARMUP_PARTS = ("attention", "triton")
 
 def start_kernel_warmup(device: torch.device) -> None:
     """Start warm_kernels for each part, in a process of its own: this script's file, run under another module name."""
-    if triton is not None:  # inductor points Triton at a cache of its own at its first graph: one cache for all
-        os.environ.setdefault("TRITON_CACHE_DIR", triton.knobs.cache.dir)
+    knobs = getattr(triton, "knobs", None)  # Triton >= 3.4; with an older one the warm-up's compiles are not found
+    if knobs is not None:  # inductor points Triton at a cache of its own at its first graph: one cache for all
+        os.environ.setdefault("TRITON_CACHE_DIR", knobs.cache.dir)
     code = "import runpy, sys; runpy.run_path(sys.argv[1], run_name='kernel_warmup')['warm_kernels'](*sys.argv[2:])"
     for part in KERNEL_WARMUP_PARTS:
         out = tempfile.TemporaryFile()
@@ -2011,6 +2012,7 @@ def warm_kernels(part: str, device: str) -> None:
     """A warm-up process, with the trainer's settings (its environment) and a training micro-batch's shapes."""
     hp, device = load_hyperparameters(), torch.device(device)
     if device.type == "cuda":
+        device = torch.device("cuda", device.index or 0)  # "cuda" is the first GPU in a fresh process
         torch.cuda.set_device(device)
     seqs = micro_batching(hp, int(os.environ.get("WORLD_SIZE", "1")))[1]
     (warm_attention if part == "attention" else warm_triton_kernels)(hp, device, seqs)
@@ -4081,7 +4083,7 @@ def main() -> None:
         raise SystemExit(f"config error: ARTIFACT_PATH={hp.artifact_path} does not exist")
     train_files, val_files, val_tokens, byte_tables = prepare_data(hp, int(os.environ.get("RANK", "0")))
     STARTUP.mark("data")
-    if torch.cuda.is_available():  # first: it has seconds of imports and compiles to do before training's first kernel
+    if torch.cuda.is_available() and not hp.eval_only:  # first: it has seconds of work before training's first kernel
         start_kernel_warmup(torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))))
         STARTUP.mark("kernel_warmup")
     ctx = setup_distributed()

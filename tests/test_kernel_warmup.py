@@ -70,3 +70,29 @@ def test_a_failed_warmup_part_is_reported_and_the_trainer_goes_on(monkeypatch, t
     assert set(tg._KERNEL_WARMUP["report"]["failed"]) == set(tg.KERNEL_WARMUP_PARTS)
     line = tg.kernel_warmup_report()
     assert "WARNING: part attention exited with 1" in line and "TRAIN_SEQ_LEN='abc' is not a valid int" in line
+
+
+def test_warm_kernels_dispatches_each_part_on_the_trainers_gpu_and_exits_cleanly(monkeypatch):
+    """What the process runs (its CUDA calls recorded here, on a machine without a GPU): the part, on the GPU the
+    trainer named (plain "cuda" is the first one), with a training micro-batch's rows; then it exits 0 at once."""
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: calls.append("synchronize"))
+    for name in ("warm_attention", "warm_triton_kernels"):
+        monkeypatch.setattr(tg, name, lambda hp, device, seqs, name=name: calls.append((name, device, seqs)))
+
+    def exit_(code):
+        calls.append(("exit", code))
+        raise SystemExit(code)
+
+    monkeypatch.setattr(tg.os, "_exit", exit_)
+    seqs = tg.micro_batching(tg.load_hyperparameters({}), 2)[1]
+    for part, device, name in (("attention", "cuda:1", "warm_attention"), ("triton", "cuda", "warm_triton_kernels")):
+        calls.clear()
+        try:
+            tg.warm_kernels(part, device)
+        except SystemExit:
+            pass
+        gpu = torch.device(device if device != "cuda" else "cuda:0")
+        assert calls == [("set_device", gpu), (name, gpu, seqs), "synchronize", ("exit", 0)]
