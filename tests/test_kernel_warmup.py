@@ -1,6 +1,7 @@
-"""The kernel warm-up (section 5): processes beside the trainer compile FA4's and the fused Triton kernels into their
-disk caches, with the trainer's settings and a training micro-batch's shapes; the trainer's first kernel call waits
-for them. (The compiles themselves, and the cold start they save, are measured on the GPU: README, Speed.)"""
+"""Start-up. The kernel warm-up (section 5): processes beside the trainer compile FA4's and the fused Triton kernels
+into their disk caches, with the trainer's settings and a training micro-batch's shapes; the trainer's first kernel
+call waits for them. The check behind the warning on uncached Python bytecode. (The compiles themselves, and the cold
+start they save, are measured on the GPU: README, Measured.)"""
 import torch
 
 import train_gpt as tg
@@ -96,3 +97,20 @@ def test_warm_kernels_dispatches_each_part_on_the_trainers_gpu_and_exits_cleanly
             pass
         gpu = torch.device(device if device != "cuda" else "cuda:0")
         assert calls == [("set_device", gpu), (name, gpu, seqs), "synchronize", ("exit", 0)]
+
+
+def test_bytecode_cached_sees_pycache_and_the_prefix(tmp_path, monkeypatch):
+    """The start-up warning (log_bytecode_cache) rests on this: without cached bytecode every process compiles torch."""
+    import py_compile
+    import sys
+
+    source = tmp_path / "mod.py"
+    source.write_text("x = 1\n")
+    monkeypatch.setattr(sys, "pycache_prefix", None)
+    assert not tg.bytecode_cached(str(source))
+    py_compile.compile(str(source))
+    assert tg.bytecode_cached(str(source))
+    monkeypatch.setattr(sys, "pycache_prefix", str(tmp_path / "prefix"))  # PYTHONPYCACHEPREFIX: looked up there
+    assert not tg.bytecode_cached(str(source))
+    py_compile.compile(str(source))
+    assert tg.bytecode_cached(str(source))
