@@ -1130,13 +1130,8 @@ class MLP(nn.Module):
         self.fused = fused
 
     def runs_fused(self, u: Tensor, lora=None) -> bool:
-        """Steps with gradients (training, and the SGD steps of TTT) take the fused kernels; no-grad scoring, GPTQ
-        calibration (no_grad: its hooks need the linears) and the LoRA adapter steps do not. Not the train/eval flag:
-        it is no graph guard (a training step may follow a validation that left the model in eval mode), whereas grad
-        mode always is one."""
         aligned = u.size(-1) % 8 == 0 and self.fc.weight.size(0) % 8 == 0  # TMA rows start on 16-byte boundaries
-        return (self.fused and lora is None and torch.is_grad_enabled() and aligned
-                and fused_kernels_supported(u.device, tma=True))
+        return self.fused and aligned and fused_step(u, lora, tma=True)
 
     def forward(self, u: Tensor, lora=None, fc_out=None, out_scale=None, fold: bool = False) -> Tensor:
         """out_scale (the block's mlp_scale) and fold: as in Attention.forward. The fused kernels always fold: they
@@ -1177,9 +1172,8 @@ class Block(nn.Module):
 
     def _enter(self, x: Tensor, x0: Tensor, skip: tuple, lora) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
         """(x_in, u, the gate's copy of u's first channels or None, x0 for the next block): block_entry, with the fused
-        backward where steps have gradients (not the LoRA adapter steps, whose varying shapes would each compile the
-        kernel)."""
-        if lora is None and torch.is_grad_enabled() and fused_kernels_supported(x.device):
+        backward in the steps that take the fused kernels (fused_step)."""
+        if fused_step(x, lora):
             gate_cols = ATTN_GATE_WINDOW if self.attn.attn_gate_w is not None else 0
             x_in, u, gate_in, x0 = BlockEntry.apply(x, x0, self.resid_mix, self.ln_scale, gate_cols, *skip)
             return x_in, u, gate_in if gate_cols else None, x0
@@ -1249,6 +1243,14 @@ def fused_kernels_supported(device: torch.device, tma: bool = False) -> bool:
     Triton's TMA descriptors (the fused MLP)."""
     return (triton is not None and (device.type == "cuda" or (TRITON_INTERPRET and device.type == "cpu"))
             and (TensorDescriptor is not None or not tma))
+
+
+def fused_step(x: Tensor, lora=None, tma: bool = False) -> bool:
+    """Steps with gradients (training, and the SGD steps of TTT) take the fused kernels of the block entry and the MLP;
+    no-grad scoring, GPTQ calibration (no_grad: its hooks need the linears) and the LoRA adapter steps (whose varying
+    shapes would each compile the kernels) do not. Not the train/eval flag: it is no graph guard (a training step may
+    follow a validation that left the model in eval mode), whereas grad mode always is one."""
+    return lora is None and torch.is_grad_enabled() and fused_kernels_supported(x.device, tma)
 
 
 if triton is not None:
