@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import functools
 import glob
+import hashlib
 import importlib.util
 import io
 import json
@@ -3841,6 +3842,16 @@ def caseops_reason(sp, hp: Hyperparameters) -> str | None:
     return None
 
 
+def data_fingerprint(train_files: list[str], val_files: list[str]) -> dict:
+    """The shards a run read, by names and sizes (no reads), for summary.json: the records tooling checks that every
+    seed had the same data, where DATA_PATH itself may differ between machines."""
+    def digest(files):
+        lines = sorted(f"{Path(f).name}:{os.path.getsize(f)}\n" for f in files)
+        return hashlib.sha256("".join(lines).encode()).hexdigest()[:16]
+
+    return dict(train_shards=len(train_files), train=digest(train_files), val=digest(val_files))
+
+
 def prepare_data(hp: Hyperparameters, ctx_rank: int):
     """Find and check shards and tokenizer before any GPU work; make the smoke data if asked to."""
     if hp.smoke and "DATA_PATH" not in os.environ and "DATA_DIR" not in os.environ:
@@ -4133,7 +4144,7 @@ def main() -> None:
     tables = byte_tables.to(ctx.device)
     summary = dict(seed=hp.seed, run_id=hp.run_id, world_size=ctx.world_size, gpu=gpu, torch_version=torch.__version__,
                    python_version=sys.version.split()[0], attention=dense, hyperparameters=dataclasses.asdict(hp),
-                   evals={})
+                   data=data_fingerprint(train_files, val_files), evals={})
     script = os.path.abspath(__file__)
     artifact_path = hp.artifact_path if hp.eval_only else os.path.join(hp.artifact_dir, "final_model.int6.ptz")
     if hp.eval_only:

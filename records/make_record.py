@@ -858,6 +858,10 @@ def folder_level_checks(runs: list[SeedRun], bytes_code: int, sig: dict | None) 
         Check("all_seeds_completed", len(done) == len(runs), ", ".join(f"seed {r.seed}: {r.status}" for r in runs)),
         Check("same_config_all_seeds", all(config_of(r) == config_of(done[0]) for r in done),
               "hyperparameters (other than seed and paths) agree across seeds"),
+        Check("same_data_all_seeds", len({json.dumps(r.get("data"), sort_keys=True) for r in done
+                                          if r.get("data")}) <= 1,
+              "training and validation shards (names and sizes: summary.json `data`) agree across seeds; "
+              + "; ".join(f"seed {r.seed}: {r.get('data')}" for r in done)),
     ]
     if sig is not None:
         detail = sig.get("reason", "") if sig["p_value"] is None else \

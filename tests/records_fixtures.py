@@ -47,7 +47,7 @@ def write_seed(seed_dir, seed: int, *, losses=None, steps: int = 4550, artifact_
                code_bytes: int = 16_600, train_time_s: float = 599.047, gpu: str = "NVIDIA H100 80GB HBM3",
                world_size: int = 8, hyperparameters: dict | None = None, ttt: dict | None = None,
                val_tokens: int = VAL_TOKENS, expected_tokens: int = VAL_TOKENS, eval_times=EVAL_TIMES_S,
-               rc: int = 0, curve_steps: int = 4) -> dict:
+               rc: int = 0, curve_steps: int = 4, data: dict | None = None) -> dict:
     """One seed's train.log, metrics.jsonl, summary.json and run_status.json; returns the summary."""
     seed_dir = Path(seed_dir)
     seed_dir.mkdir(parents=True, exist_ok=True)
@@ -87,6 +87,7 @@ def write_seed(seed_dir, seed: int, *, losses=None, steps: int = 4550, artifact_
         "code_bytes": code_bytes, "total_bytes": total, "size_cap_ok": total <= 16_000_000, "evals": evals,
         "eval_time_s": round(sum(eval_times), 3), "final_label": LABELS[-1], "val_loss": final["val_loss"],
         "val_bpb": final["val_bpb"], "ttt": ttt or {"mode": "score_first", "score_before_update": True},
+        "data": data or {"train_shards": 80, "train": "0123456789abcdef", "val": "fedcba9876543210"},
         "hyperparameters": {"seed": seed, "vocab_size": 8192, "num_layers": 11, "model_dim": 512,
                             "qk_gain_init": 5.25, "ttt_enabled": 1, "smoke": 0, **(hyperparameters or {})},
     }

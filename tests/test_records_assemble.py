@@ -114,6 +114,8 @@ def set_eval_field(field, value):
     ({314: {"ttt": {"mode": "score_first", "score_before_update": False}}}, "score_first_ttt"),
     ({999: {"gpu": "NVIDIA A100-SXM4-80GB"}}, "hardware_8xh100"),
     ({42: {"gpu": "NVIDIA H100 PCIe"}}, "hardware_8xh100"),
+    ({314: {"data": {"train_shards": 10, "train": "0123456789abcdef", "val": "fedcba9876543210"}}},
+     "same_data_all_seeds"),
 ])
 def test_compliance_failures_are_detected(tmp_path, overrides, check):
     res = build(tmp_path, overrides, dry_run=False)

@@ -130,6 +130,7 @@ def test_real_smoke_two_seeds(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for seed in (1, 2):
         assert set(SUMMARY_KEYS) <= set(read_json(runs / f"seed_{seed}" / "summary.json"))
+    assert read_json(runs / "seed_1" / "summary.json")["data"] == read_json(runs / "seed_2" / "summary.json")["data"]
     (folder,) = (runs / "records").iterdir()
     names = {p.name for p in folder.iterdir()}
     assert {"README.md", "submission.json", "train_gpt.py", "requirements.txt", "train_seed1.log",
@@ -139,5 +140,5 @@ def test_real_smoke_two_seeds(tmp_path):
     failed = " ".join(sub["compliance"]["failed_checks"])
     # A smoke run fails only the checks a smoke run must fail: CPU, SMOKE config, two seeds.
     for check in ("coverage_complete", "score_first_ttt", "log_matches_summary", "wrapped_roundtrip",
-                  "python310_syntax", "dry_run_in_folder", "same_config_all_seeds"):
+                  "python310_syntax", "dry_run_in_folder", "same_config_all_seeds", "same_data_all_seeds"):
         assert check not in failed, failed
