@@ -1994,6 +1994,9 @@ def micro_batching(hp: Hyperparameters, world_size: int) -> tuple[int, int]:
 # one for the Triton kernels, as each has seconds of compiling on its one thread. The first kernel call waits for both.
 _KERNEL_WARMUP = {}  # processes, output files and start time of start_kernel_warmup; then the report of the wait
 KERNEL_WARMUP_PARTS = ("attention", "triton")
+# A warm-up process runs `python3 -c KERNEL_WARMUP_CODE <this script's file, plain or LZMA-wrapped> <part> <device>`
+KERNEL_WARMUP_CODE = ("import runpy, sys; "
+                      "runpy.run_path(sys.argv[1], run_name='kernel_warmup')['warm_kernels'](*sys.argv[2:])")
 
 
 def start_kernel_warmup(device: torch.device) -> None:
@@ -2001,11 +2004,10 @@ def start_kernel_warmup(device: torch.device) -> None:
     knobs = getattr(triton, "knobs", None)  # Triton >= 3.4; with an older one the warm-up's compiles are not found
     if knobs is not None:  # inductor points Triton at a cache of its own at its first graph: one cache for all
         os.environ.setdefault("TRITON_CACHE_DIR", knobs.cache.dir)
-    code = "import runpy, sys; runpy.run_path(sys.argv[1], run_name='kernel_warmup')['warm_kernels'](*sys.argv[2:])"
     for part in KERNEL_WARMUP_PARTS:
         out = tempfile.TemporaryFile()
-        proc = subprocess.Popen([sys.executable, "-c", code, os.path.abspath(__file__), part, str(device)],
-                                stdout=out, stderr=subprocess.STDOUT)
+        cmd = [sys.executable, "-c", KERNEL_WARMUP_CODE, os.path.abspath(__file__), part, str(device)]
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
         atexit.register(proc.kill)  # a trainer that stops early (bad input) leaves none running; no-op once ended
         _KERNEL_WARMUP[part] = proc, out
     _KERNEL_WARMUP["t0"] = time.perf_counter()

@@ -114,3 +114,18 @@ def test_bytecode_cached_sees_pycache_and_the_prefix(tmp_path, monkeypatch):
     assert not tg.bytecode_cached(str(source))
     py_compile.compile(str(source))
     assert tg.bytecode_cached(str(source))
+
+
+def test_warmup_runs_from_the_lzma_wrapped_script_of_a_records_folder(tmp_path, monkeypatch):
+    """A records folder ships the wrapped file, and __file__ is then the wrapper: runpy must find warm_kernels there."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    wrapped = tmp_path / "train_gpt.py"
+    wrapped.write_text(tg.wrap_source(Path(tg.__file__).read_text()))
+    monkeypatch.setenv("SMOKE", "1")
+    for part in tg.KERNEL_WARMUP_PARTS:
+        proc = subprocess.run([sys.executable, "-c", tg.KERNEL_WARMUP_CODE, str(wrapped), part, "cpu"],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
