@@ -7,6 +7,7 @@ import dataclasses
 import datetime
 import glob
 import os
+import sys
 
 import numpy as np
 import torch
@@ -88,14 +89,19 @@ def lora_hp(**overrides) -> tg.Hyperparameters:
 
 @contextlib.contextmanager
 def gloo_group(rank: int, world_size: int, out_dir: str):
-    """A gloo process group for one spawned test rank. On success the ranks meet at a barrier before the group is
-    torn down: a rank that destroys its group and exits while its peer still writes results can die of SIGABRT in
-    gloo's teardown ("terminate called without an active exception", seen once in CI)."""
+    """A gloo process group for one spawned test rank. On success the ranks meet at a barrier and the rank's process
+    ends there, exit code 0, without tearing gloo down: its teardown can kill a rank with SIGABRT ("terminate called
+    without an active exception"), seen twice in CI, once after that barrier was added. On failure the group is
+    destroyed and the error propagates (the spawn reports it)."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=300))  # a lost rank fails the test, not CI
     try:
         yield
         dist.barrier()
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
