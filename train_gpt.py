@@ -4042,8 +4042,9 @@ def train_and_quantize(hp, ctx, train_files, val_tokens, tables, script, artifac
     STARTUP.mark("compile_warmup")
     ctx.log(f"compile_warmup: {time.perf_counter() - t_warm:.1f}s graphs per phase (plain, looped): {graphs} "
             f"COMPILE={hp.compile} COMPILE_SCOPE={hp.compile_scope}")
-    if kernel_warmup_report():
-        ctx.log(kernel_warmup_report())
+    warmup_report = kernel_warmup_report()
+    if warmup_report:
+        ctx.log(warmup_report)
     reserve_s = measure_gptq_reserve(hp, ctx, model, train_files, trainer.micro_seqs)
     STARTUP.mark("gptq_reserve")
     budget_ms = hp.max_wallclock_seconds * 1000 - reserve_s * 1000 if hp.max_wallclock_seconds > 0 else 0.0
