@@ -1144,6 +1144,16 @@ class MLP(nn.Module):
         return out if lora is None else out + scaled(lora("mlp", u), out_scale)
 
 
+class Entry(NamedTuple):
+    """A block's entry (Block._enter)."""
+    x: Tensor  # x_in: the residual stream the block starts from
+    u: Tensor  # its normalized copy, attention's input
+    u_mlp: Tensor  # u for a parallel block's MLP: u again (split_u) or u
+    gate_in: Tensor | None  # the attention gate's copy of u's first channels (fused path)
+    x0: Tensor  # x0 for the next block
+    passed: Tensor | None  # the block's input x again (pass_x), for the U-Net skip it is
+
+
 class Block(nn.Module):
     def __init__(self, hp: Hyperparameters, layer: int):
         super().__init__()
@@ -1171,30 +1181,36 @@ class Block(nn.Module):
         out = F.linear(u, torch.cat([m.weight for m in linears]).to(u.dtype))
         return out.split([m.weight.size(0) for m in linears], dim=-1)
 
-    def _enter(self, x: Tensor, x0: Tensor, skip: tuple, lora) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
-        """(x_in, u, the gate's copy of u's first channels or None, x0 for the next block): block_entry, with the fused
-        backward in the steps that take the fused kernels (fused_step)."""
+    def _enter(self, x: Tensor, x0: Tensor, skip: tuple, lora, pass_x: bool, split_u: bool) -> Entry:
+        """block_entry, with the fused backward (BlockEntry) in the steps that take the fused kernels (fused_step)."""
         if fused_step(x, lora):
             gate_cols = ATTN_GATE_WINDOW if self.attn.attn_gate_w is not None else 0
-            x_in, u, gate_in, x0 = BlockEntry.apply(x, x0, self.resid_mix, self.ln_scale, gate_cols, *skip)
-            return x_in, u, gate_in if gate_cols else None, x0
-        return *block_entry(x, x0, self.resid_mix, self.ln_scale, *skip), None, x0
+            x_in, u, gate_in, x0, *again = BlockEntry.apply(x, x0, self.resid_mix, self.ln_scale, gate_cols, pass_x,
+                                                            split_u, *skip)
+            return Entry(x_in, u, again[-1] if split_u else u, gate_in if gate_cols else None, x0,
+                         again[0] if pass_x else None)
+        x_in, u = block_entry(x, x0, self.resid_mix, self.ln_scale, *skip)
+        return Entry(x_in, u, u, None, x0, x.view_as(x) if pass_x else None)
 
-    def forward(self, x: Tensor, x0: Tensor, doc_mask=None, lora=None, skip: tuple = ()) -> tuple[Tensor, Tensor]:
-        """(output, x0 for the next block: see BlockEntry). skip: (encoder output, gate, weight) for a decoder block
-        that mixes in a U-Net skip first."""
-        x, u, gate_in, x0 = self._enter(x, x0, skip, lora)
-        fc_shares_gemm = self.parallel and not self.mlp.runs_fused(u, lora)  # the fused MLP does its own fc
+    def forward(self, x: Tensor, x0: Tensor, doc_mask=None, lora=None, skip: tuple = (),
+                pass_x: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(output, x0 for the next block, x again with pass_x or None: see BlockEntry). skip: (encoder output, gate,
+        weight) for a decoder block that mixes in a U-Net skip first."""
+        mlp_fused = self.mlp.runs_fused(x, lora)
+        e = self._enter(x, x0, skip, lora, pass_x, split_u=self.parallel and mlp_fused)
+        fc_shares_gemm = self.parallel and not mlp_fused  # the fused MLP does its own fc
         fused = None
         if self.fused_linears:
-            fused = self._input_projections(u, (self.attn.c_q, self.attn.c_k, self.attn.c_v)
+            fused = self._input_projections(e.u, (self.attn.c_q, self.attn.c_k, self.attn.c_v)
                                             + ((self.mlp.fc,) if fc_shares_gemm else ()))
         fold = self.fused_linears  # the branch scales into the output projections
-        x_attn = x + self.attn(u, doc_mask, lora, None if fused is None else fused[:3], self.attn_scale, fold, gate_in)
+        x_attn = e.x + self.attn(e.u, doc_mask, lora, None if fused is None else fused[:3], self.attn_scale, fold,
+                                 e.gate_in)
         if self.parallel:  # GPT-J style: attention and MLP read the same normalized input
             fc_out = fused[3] if fused is not None and fc_shares_gemm else None
-            return x_attn + self.mlp(u, lora, fc_out, self.mlp_scale, fold), x0
-        return x_attn + self.mlp(scaled_rms_norm(x_attn, self.ln_scale), lora, None, self.mlp_scale, fold), x0
+            return x_attn + self.mlp(e.u_mlp, lora, fc_out, self.mlp_scale, fold), e.x0, e.passed
+        out = x_attn + self.mlp(scaled_rms_norm(x_attn, self.ln_scale), lora, None, self.mlp_scale, fold)
+        return out, e.x0, e.passed
 
 
 def layer_schedule(num_layers: int, loop_start: int, loop_end: int, num_loops: int, looping: bool):
@@ -1479,14 +1495,16 @@ BLOCK_ENTRY_TILES = {False: dict(ROWS=2, num_warps=4, PER_SM=4, STAGES=2),
 
 if triton is not None:
     @triton.jit
-    def _block_entry_bwd_kernel(g_in_ptr, g_u_ptr, g_gate_ptr, g_x0_ptr, x_ptr, x0_ptr, skip_ptr, mix_ptr, ln_ptr,
-                                gate_ptr, weight_ptr, gx_ptr, gx0_ptr, gskip_ptr, sums_ptr, n_rows, D: tl.constexpr,
-                                GATE_COLS: tl.constexpr, SKIP: tl.constexpr, ROWS: tl.constexpr,
+    def _block_entry_bwd_kernel(g_in_ptr, g_u_ptr, g_gate_ptr, g_x0_ptr, g_pass_ptr, g_u2_ptr, x_ptr, x0_ptr,
+                                skip_ptr, mix_ptr, ln_ptr, gate_ptr, weight_ptr, gx_ptr, gx0_ptr, gskip_ptr, sums_ptr,
+                                n_rows, D: tl.constexpr, GATE_COLS: tl.constexpr, SKIP: tl.constexpr,
+                                PASS_X: tl.constexpr, SPLIT_U: tl.constexpr, ROWS: tl.constexpr,
                                 PROGRAMS: tl.constexpr, ITERS: tl.constexpr, STAGES: tl.constexpr):
         """Gradients of block_entry for g_in (of x_in: the residual path) and g_u (of u; its first GATE_COLS columns
-        also get g_gate, the gradient of the attention gate's copy of them); x0's gradient also adds g_x0, the later
-        blocks' (BlockEntry). Per-channel factors are rounded to the activations' dtype as the forward rounds them; the
-        sums go to sums_ptr[program, (m0, m1[, gate, w]), D]."""
+        also get g_gate, the gradient of the attention gate's copy of them, and with SPLIT_U all of them g_u2, the
+        MLP's); x0's gradient also adds g_x0, the later blocks', and with PASS_X x's adds g_pass, a U-Net skip's
+        (BlockEntry). Per-channel factors are rounded to the activations' dtype as the forward rounds them; the sums go
+        to sums_ptr[program, (m0, m1[, gate, w]), D]."""
         cols = tl.arange(0, D)
         act = gx_ptr.dtype.element_ty
         m0 = tl.load(mix_ptr + cols).to(act).to(tl.float32)
@@ -1517,6 +1535,8 @@ if triton is not None:
             rstd = tl.rsqrt(tl.sum(x_in * x_in, 1) / D + 1.1920928955078125e-07)[:, None]  # F.rms_norm's fp32 eps
             x_hat = x_in * rstd
             g_u = tl.load(g_u_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+            if SPLIT_U:
+                g_u += tl.load(g_u2_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
             if GATE_COLS > 0:
                 gate_offsets = rows[:, None].to(tl.int64) * GATE_COLS + cols[None, :]
                 g_u += tl.load(g_gate_ptr + gate_offsets, mask=inside & (cols < GATE_COLS)[None, :],
@@ -1533,6 +1553,8 @@ if triton is not None:
                 sum_skip += g_x_in * skip
                 tl.store(gskip_ptr + offsets, ((1.0 - g) * w * g_mixed).to(gskip_ptr.dtype.element_ty), mask=inside)
                 g_mixed = g * g_mixed
+            if PASS_X:
+                g_mixed += tl.load(g_pass_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
             tl.store(gx_ptr + offsets, g_mixed.to(gx_ptr.dtype.element_ty), mask=inside)
         sums = sums_ptr + tl.program_id(0) * (4 if SKIP else 2) * D + cols
         s_x, s_x0 = tl.sum(sum_x, 0), tl.sum(sum_x0, 0)
@@ -1546,11 +1568,13 @@ if triton is not None:
             tl.store(sums, s_x)
 
     @torch.library.custom_op("pgolf::block_entry_backward", mutates_args=())
-    def _block_entry_backward_op(g_in: Tensor, g_u: Tensor, g_gate: Tensor, g_x0: Tensor, x: Tensor, x0: Tensor,
-                                 mix: Tensor, ln: Tensor, skip: Tensor | None, gate: Tensor | None,
+    def _block_entry_backward_op(g_in: Tensor, g_u: Tensor, g_gate: Tensor, g_x0: Tensor, g_pass: Tensor | None,
+                                 g_u2: Tensor | None, x: Tensor, x0: Tensor, mix: Tensor, ln: Tensor,
+                                 skip: Tensor | None, gate: Tensor | None,
                                  weight: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(d x, d x0 (this block's share plus g_x0), d skip, per-channel sums [2 or 4, D]: d mix, then d gate and d w
-        with a skip). Activations [..., D] in one dtype; d skip is empty without a skip."""
+        """(d x (plus g_pass), d x0 (this block's share plus g_x0), d skip, per-channel sums [2 or 4, D]: d mix, then
+        d gate and d w with a skip). g_u2: a second gradient of u. Activations [..., D] in one dtype; d skip is empty
+        without a skip."""
         D = x.size(-1)
         gx, gx0 = torch.empty_like(x), torch.empty_like(x0)
         gskip = torch.empty_like(skip) if skip is not None else x.new_empty(0)
@@ -1562,15 +1586,17 @@ if triton is not None:
                                                       dtype=torch.float32)
         if rows:
             _block_entry_bwd_kernel[(programs,)](
-                g_in.contiguous(), g_u.contiguous(), g_gate.contiguous(), g_x0.contiguous(), x.contiguous(),
-                x0.contiguous(), skip.contiguous() if skip is not None else x, mix, ln,
+                g_in.contiguous(), g_u.contiguous(), g_gate.contiguous(), g_x0.contiguous(),
+                g_pass.contiguous() if g_pass is not None else x, g_u2.contiguous() if g_u2 is not None else x,
+                x.contiguous(), x0.contiguous(), skip.contiguous() if skip is not None else x, mix, ln,
                 gate if skip is not None else mix, weight if skip is not None else mix, gx, gx0, gskip, sums, rows,
-                D=D, GATE_COLS=g_gate.size(-1), SKIP=skip is not None, ROWS=cfg["ROWS"], PROGRAMS=programs,
-                ITERS=triton.cdiv(blocks, programs), STAGES=cfg["STAGES"], num_warps=cfg["num_warps"])
+                D=D, GATE_COLS=g_gate.size(-1), SKIP=skip is not None, PASS_X=g_pass is not None,
+                SPLIT_U=g_u2 is not None, ROWS=cfg["ROWS"], PROGRAMS=programs, ITERS=triton.cdiv(blocks, programs),
+                STAGES=cfg["STAGES"], num_warps=cfg["num_warps"])
         return gx, gx0, gskip, sums.sum(0)
 
     @_block_entry_backward_op.register_fake
-    def _block_entry_backward_fake(g_in, g_u, g_gate, g_x0, x, x0, mix, ln, skip, gate, weight):
+    def _block_entry_backward_fake(g_in, g_u, g_gate, g_x0, g_pass, g_u2, x, x0, mix, ln, skip, gate, weight):
         return (torch.empty_like(x), torch.empty_like(x0),
                 torch.empty_like(skip) if skip is not None else x.new_empty(0),
                 x.new_empty(2 if skip is None else 4, x.size(-1), dtype=torch.float32))
@@ -1591,22 +1617,28 @@ class BlockEntry(torch.autograd.Function):
     """block_entry with its backward by the fused kernel. Also returns a copy of u's first `gate_cols` columns for the
     attention gate, so that their gradient reaches the kernel apart instead of as a sum written over all of u's, and
     x0 again (a view), for the next block: the later blocks' gradient of x0 then reaches this block's kernel, which
-    adds it to its own, instead of autograd adding each block's in a kernel of its own (a bf16 add per block call)."""
+    adds it to its own, instead of autograd adding each block's in a kernel of its own (a bf16 add per block call).
+    The same holds for x with pass_x (x again, for the U-Net skip that x is: an encoder block's input) and for u with
+    split_u (u again, for a parallel block's MLP, which reads u beside attention)."""
 
     @staticmethod
-    def forward(ctx, x, x0, mix, ln, gate_cols: int, skip=None, gate=None, weight=None):
+    def forward(ctx, x, x0, mix, ln, gate_cols: int, pass_x: bool, split_u: bool, skip=None, gate=None, weight=None):
         ctx.save_for_backward(x, x0, mix, ln, *(() if skip is None else (skip, gate, weight)))
+        ctx.pass_x, ctx.split_u = pass_x, split_u
         x_in, u = block_entry(x, x0, mix, ln, skip, gate, weight)
-        return x_in, u, u[..., :gate_cols].contiguous(), x0.view_as(x0)
+        again = ((x.view_as(x),) if pass_x else ()) + ((u.view_as(u),) if split_u else ())
+        return x_in, u, u[..., :gate_cols].contiguous(), x0.view_as(x0), *again
 
     @staticmethod
-    def backward(ctx, g_in, g_u, g_gate, g_x0):
+    def backward(ctx, g_in, g_u, g_gate, g_x0, *g_again):
         x, x0, mix, ln, *skip = ctx.saved_tensors
-        gx, gx0, gskip, sums = torch.ops.pgolf.block_entry_backward(g_in, g_u, g_gate, g_x0, x, x0, mix, ln,
-                                                                    *(skip or (None, None, None)))
+        g_pass = g_again[0] if ctx.pass_x else None
+        g_u2 = g_again[-1] if ctx.split_u else None
+        gx, gx0, gskip, sums = torch.ops.pgolf.block_entry_backward(g_in, g_u, g_gate, g_x0, g_pass, g_u2, x, x0, mix,
+                                                                    ln, *(skip or (None, None, None)))
         if not skip:
-            return gx, gx0, sums.view_as(mix), None, None
-        return gx, gx0, sums[:2], None, None, gskip, sums[2], sums[3]
+            return gx, gx0, sums.view_as(mix), None, None, None, None
+        return gx, gx0, sums[:2], None, None, None, None, gskip, sums[2], sums[3]
 
 
 # Compilation units. GPT.forward is made of these module-level functions, called through a Regions object: eagerly
@@ -1621,12 +1653,13 @@ class BlockEntry(torch.autograd.Function):
 COMPILE_BACKEND = "inductor"  # training compiles; tests put "aot_eager" or a counting backend here
 
 
-def run_block(block: Block, x: Tensor, x0: Tensor, doc_mask=None, lora=None) -> tuple[Tensor, Tensor]:
-    return block(x, x0, doc_mask, lora)
+def run_block(block: Block, x: Tensor, x0: Tensor, doc_mask=None, lora=None,
+              pass_x: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+    return block(x, x0, doc_mask, lora, (), pass_x)
 
 
 def run_block_after_skip(block: Block, x: Tensor, skip: Tensor, gate: Tensor, weight: Tensor, x0: Tensor,
-                         doc_mask=None, lora=None) -> tuple[Tensor, Tensor]:
+                         doc_mask=None, lora=None) -> tuple[Tensor, Tensor, None]:
     """A decoder block with the skip mix before it, as one graph: the mixed stream is never written out, and the mix's
     backward fuses into the block's (H100, bench/profile_step.py: kernels 7.2 / 17.4 ms less per step before / after
     looping than a graph of its own). Costs the compile of two more block structures, as the last decoder block gets
@@ -1727,17 +1760,21 @@ class GPT(nn.Module):
         # compile a graph of their own.
         x = x0.view_as(x0)
         encoder, decoder = self.schedules[self.looping]
+        # The U-Net skip of an encoder output is the next encoder block's input passed through it (pass_x): its
+        # gradient then adds in that block's backward kernel, not in a bf16 add of autograd's (0.1 ms per skip and
+        # micro-batch on an H100). The first block's pass-through is unused; the last output enters the decoder.
         skips = []
         for k, i in enumerate(encoder):
-            x, x0 = block(self.blocks[i], x, x0, doc_mask, None if lora is None else lora.layer(k))
-            skips.append(x.view_as(x))
+            x, x0, passed = block(self.blocks[i], x, x0, doc_mask, None if lora is None else lora.layer(k), True)
+            skips += [passed] if k else []
+        skips.append(x.view_as(x))
         for k, i in enumerate(decoder):
             adapter = None if lora is None else lora.layer(len(encoder) + k)
             if k < self.skip_weights.size(0) and skips:
-                x, x0 = block_after_skip(self.blocks[i], x, skips.pop(), self.skip_gates[k], self.skip_weights[k], x0,
-                                         doc_mask, adapter)
+                x, x0, _ = block_after_skip(self.blocks[i], x, skips.pop(), self.skip_gates[k], self.skip_weights[k],
+                                            x0, doc_mask, adapter)
             else:
-                x, x0 = block(self.blocks[i], x, x0, doc_mask, adapter)
+                x, x0, _ = block(self.blocks[i], x, x0, doc_mask, adapter)
         return self.final_norm(x)
 
     def pre_softcap_logits(self, h: Tensor, lora=None) -> Tensor:

@@ -45,7 +45,7 @@ def inductor_entry(x, x0, mix, ln, *skip):
 
 
 def fused_entry(x, x0, mix, ln, *skip):
-    return tg.BlockEntry.apply(x, x0, mix, ln, tg.ATTN_GATE_WINDOW, *skip)
+    return tg.BlockEntry.apply(x, x0, mix, ln, tg.ATTN_GATE_WINDOW, False, False, *skip)
 
 
 def step_fn(fn, leaves, grads):
@@ -85,7 +85,7 @@ def main():
             rows.append(dict(skip=skip, variant="fused", tiles=str(default[skip]), ms=median_ms(step, args.iters),
                              max_rel_err=err))
             # The backward op alone; bytes: the gradients in, the activations it reads, the input gradients out.
-            op_args = [*grads, *(t.detach() for t in leaves)] + ([] if skip else [None, None, None])
+            op_args = [*grads, None, None, *(t.detach() for t in leaves)] + ([] if skip else [None, None, None])
             moved = (3 + (5 if skip else 4) + (3 if skip else 2)) * args.rows * DIM * 2
             for cfg in [default[skip]] + sweep:
                 tg.BLOCK_ENTRY_TILES = {**default, skip: cfg}  # read at each call of the op
