@@ -60,6 +60,21 @@ def test_compile_warmup_restores_the_initial_state(smoke_data, tmp_path):
     assert not trainer.model.looping
 
 
+def test_training_after_the_warmup_is_training_without_it(smoke_data, tmp_path):
+    """Steps after the warm-up give bit for bit the losses and weights of steps without one: it leaves no trace in the
+    model, the optimizers (momentum, Adam moments and step counts) or the data order."""
+    runs = []
+    for warmup in ("2", "0"):
+        (tmp_path / warmup).mkdir()
+        hp, ctx, trainer = make_trainer(smoke_data, tmp_path / warmup, WARMUP_STEPS=warmup)
+        trainer.compile_warmup()
+        losses = [trainer.step(i, 1.0).item() for i in range(3)]
+        runs.append((losses, {k: v.clone() for k, v in trainer.model.state_dict().items()}))
+    (warm_losses, warm_state), (cold_losses, cold_state) = runs
+    assert warm_losses == cold_losses
+    assert all(torch.equal(warm_state[k], cold_state[k]) for k in cold_state)
+
+
 def test_compile_warmup_runs_one_micro_batch_per_step(smoke_data, tmp_path):
     """The warm-up compiles on one micro-batch per step (same graphs, an eighth of the GPU time); training steps run
     grad_accum of them."""
