@@ -1,6 +1,6 @@
 """Start-up. The kernel warm-up (section 5): processes beside the trainer compile FA4's and the fused Triton kernels
 into their disk caches, with the trainer's settings and a training micro-batch's shapes; the trainer's first kernel
-call waits for them. The check behind the warning on uncached Python bytecode. (The compiles themselves, and the cold
+call waits for them. Python bytecode kept where torch has none. (The compiles themselves, and the cold
 start they save, are measured on the GPU: README, Measured.)"""
 import torch
 
@@ -100,7 +100,7 @@ def test_warm_kernels_dispatches_each_part_on_the_trainers_gpu_and_exits_cleanly
 
 
 def test_bytecode_cached_sees_pycache_and_the_prefix(tmp_path, monkeypatch):
-    """The start-up warning (log_bytecode_cache) rests on this: without cached bytecode every process compiles torch."""
+    """keep_torch_bytecode rests on this: without cached bytecode every process compiles torch."""
     import py_compile
     import sys
 
@@ -114,6 +114,31 @@ def test_bytecode_cached_sees_pycache_and_the_prefix(tmp_path, monkeypatch):
     assert not tg.bytecode_cached(str(source))
     py_compile.compile(str(source))
     assert tg.bytecode_cached(str(source))
+
+
+def test_torch_bytecode_is_kept_where_python_finds_none(tmp_path):
+    """An image without torch's bytecode (here: an empty PYTHONPYCACHEPREFIX, and PYTHONDONTWRITEBYTECODE=1): loading
+    the script makes Python write what it compiles under the prefix, the processes it starts inherit that, and the next
+    run finds torch's bytecode there."""
+    import os
+    import subprocess
+    import sys
+
+    prefix = tmp_path / "pycache"
+    env = {**os.environ, "PYTHONPYCACHEPREFIX": str(prefix), "PYTHONDONTWRITEBYTECODE": "1"}
+    load = ("import os, runpy, sys; g = runpy.run_path(sys.argv[1], run_name='probe'); "
+            "print(g['BYTECODE_KEPT_IN'], os.environ.get('PYTHONDONTWRITEBYTECODE'), sys.dont_write_bytecode)")
+    run = [sys.executable, "-c", load, tg.__file__]
+    first = subprocess.run(run, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.split() == [str(prefix), "None", "False"]
+    saved, sys.pycache_prefix = sys.pycache_prefix, str(prefix)
+    try:
+        assert tg.bytecode_cached(torch.__file__)
+    finally:
+        sys.pycache_prefix = saved
+    second = subprocess.run(run, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0 and second.stdout.split() == ["None", "1", "True"], second.stderr
 
 
 def test_warmup_runs_from_the_lzma_wrapped_script_of_a_records_folder(tmp_path, monkeypatch):
