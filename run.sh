@@ -9,8 +9,7 @@
 # 200 with SMOKE=1), SKIP_DONE=1 (keep seeds that already completed in RUNS_DIR, rerun the rest), OVERWRITE=1
 # (delete RUNS_DIR's seed folders first, other seeds' too), BASELINE (records folder to test significance against),
 # RECORD_ARGS (extra make_record.py arguments), RECORDS_ROOT (where the folder goes; RUNS_DIR/records with SMOKE=1),
-# ASSEMBLE=0 (skip make_record.py), PYTHON (python3), TRAIN_SCRIPT (train_gpt.py), PYTHONPYCACHEPREFIX (where
-# torch's bytecode is compiled when Python finds none: ~/.cache/parameter-golf/pycache).
+# ASSEMBLE=0 (skip make_record.py), PYTHON (python3), TRAIN_SCRIPT (train_gpt.py).
 # Everything else in the environment (hyperparameters, DATA_DIR, ...) passes through to train_gpt.py.
 set -uo pipefail
 
@@ -43,8 +42,8 @@ command -v "$PYTHON" >/dev/null || die "$PYTHON not found (set PYTHON=...)"
 command -v timeout >/dev/null || die "the 'timeout' command (coreutils) is missing"
 
 # --- preflight 1: python packages, GPUs -------------------------------------------------------------------------
-probe=$(ASSEMBLE="${ASSEMBLE:-1}" "$PYTHON" - <<'EOF'
-import importlib, importlib.util, os, sys
+ngpu=$(ASSEMBLE="${ASSEMBLE:-1}" "$PYTHON" - <<'EOF'
+import importlib, os, sys
 assemble = os.environ["ASSEMBLE"] == "1"  # records/make_record.py needs scipy (Welch test) and matplotlib (plot)
 missing = []
 for name in ("torch", "numpy", "sentencepiece", "brotli") + (("scipy", "matplotlib") if assemble else ()):
@@ -57,29 +56,8 @@ if missing:
              + (" scipy matplotlib (records assembly; or ASSEMBLE=0)" if assemble else ""))
 import torch
 print(torch.cuda.device_count() if torch.cuda.is_available() else 0)
-print(int(os.path.isfile(importlib.util.cache_from_source(torch.__file__))))  # where this Python looks for it
-for name in ("torch", "triton", "sympy"):  # the packages whose sources a training run compiles most of
-    spec = importlib.util.find_spec(name)
-    if spec is not None and spec.origin:
-        print(os.path.dirname(spec.origin))
 EOF
 ) || die "python imports failed (see above)"
-mapfile -t probe_lines <<< "$probe"
-ngpu=${probe_lines[0]}; torch_bytecode=${probe_lines[1]}; packages=("${probe_lines[@]:2}")
-
-# --- preflight: Python bytecode -----------------------------------------------------------------------------------
-# Without torch's bytecode (an image with PYTHONDONTWRITEBYTECODE=1, torch installed by uv) every process of every
-# seed compiles torch's sources again: ~10 s of each seed's start on an H100 host. Compiled once into a cache folder
-# of its own instead; Python may write there, so modules outside these packages are cached at their first import.
-if [ "$torch_bytecode" = 0 ]; then
-  export PYTHONPYCACHEPREFIX=${PYTHONPYCACHEPREFIX:-${HOME:-/tmp}/.cache/parameter-golf/pycache}
-  unset PYTHONDONTWRITEBYTECODE
-  say "preflight: torch's bytecode is not cached; compiling ${packages[*]} into PYTHONPYCACHEPREFIX=$PYTHONPYCACHEPREFIX"
-  t0=$(date +%s)
-  "$PYTHON" -m compileall -qq -j 0 "${packages[@]}" > /dev/null 2>&1 \
-    || say "preflight: compileall could not compile some files (they compile at import, as before)"
-  say "preflight: bytecode compiled in $(( $(date +%s) - t0 ))s"
-fi
 NPROC=${NPROC:-$(( ngpu > 0 ? ngpu : 1 ))}
 [[ "$NPROC" =~ ^[1-9][0-9]*$ ]] || die "NPROC must be a positive integer, got '$NPROC'"
 if [ "$NPROC" -eq 1 ] && [ "$ngpu" -eq 0 ]; then

@@ -116,10 +116,10 @@ def test_bytecode_cached_sees_pycache_and_the_prefix(tmp_path, monkeypatch):
     assert tg.bytecode_cached(str(source))
 
 
-def test_torch_bytecode_is_kept_where_python_finds_none(tmp_path):
+def test_torch_bytecode_is_compiled_where_python_finds_none(tmp_path):
     """An image without torch's bytecode (here: an empty PYTHONPYCACHEPREFIX, and PYTHONDONTWRITEBYTECODE=1): loading
-    the script makes Python write what it compiles under the prefix, the processes it starts inherit that, and the next
-    run finds torch's bytecode there."""
+    the script compiles torch into the prefix, inductor's modules too (not imported by `import torch`), and has Python
+    write there, which the processes it starts inherit; the next load finds the bytecode and changes nothing."""
     import os
     import subprocess
     import sys
@@ -129,16 +129,22 @@ def test_torch_bytecode_is_kept_where_python_finds_none(tmp_path):
     load = ("import os, runpy, sys; g = runpy.run_path(sys.argv[1], run_name='probe'); "
             "print(g['BYTECODE_KEPT_IN'], os.environ.get('PYTHONDONTWRITEBYTECODE'), sys.dont_write_bytecode)")
     run = [sys.executable, "-c", load, tg.__file__]
-    first = subprocess.run(run, env=env, capture_output=True, text=True, timeout=600)
+    first = subprocess.run(run, env=env, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr
     assert first.stdout.split() == [str(prefix), "None", "False"]
+    torch_dir = os.path.dirname(torch.__file__)
     saved, sys.pycache_prefix = sys.pycache_prefix, str(prefix)
     try:
-        assert tg.bytecode_cached(torch.__file__)
+        for source in (torch.__file__, os.path.join(torch_dir, "_inductor", "codegen", "triton.py")):
+            assert tg.bytecode_cached(source), source
     finally:
         sys.pycache_prefix = saved
     second = subprocess.run(run, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0 and second.stdout.split() == ["None", "1", "True"], second.stderr
+    (tmp_path / "file").write_text("")  # a prefix that cannot be created: start as before, nothing changed
+    unusable = subprocess.run(run, env={**env, "PYTHONPYCACHEPREFIX": str(tmp_path / "file" / "pycache")},
+                              capture_output=True, text=True, timeout=600)
+    assert unusable.returncode == 0 and unusable.stdout.split() == ["None", "1", "True"], unusable.stderr
 
 
 def test_warmup_runs_from_the_lzma_wrapped_script_of_a_records_folder(tmp_path, monkeypatch):

@@ -1,14 +1,12 @@
 """run.sh end to end: with a stand-in trainer (fast), and with the real SMOKE=1 pipeline (RECORDS_SKIP_SMOKE=1 skips it)."""
-import importlib.util
 import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
-from records_fixtures import FAKE_TRAINER, REPO_ROOT, fake_env, fake_repo
+from records_fixtures import REPO_ROOT, fake_env, fake_repo
 
 
 SUMMARY_KEYS = ("val_loss", "val_bpb", "final_label", "evals", "artifact_bytes", "total_bytes", "eval_time_s", "ttt")
@@ -116,31 +114,6 @@ def test_interrupt_stops_the_seed_and_the_run(repo):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted during seed 1" in err, err
     assert time.time() - t0 < 30 and not (repo / "runs" / "i" / "seed_2").exists()
-
-
-def test_torch_bytecode_compiled_once_when_python_finds_none(repo, tmp_path):
-    """An image without torch's bytecode (here: an empty PYTHONPYCACHEPREFIX, and PYTHONDONTWRITEBYTECODE=1): run.sh
-    compiles it there once, and the seeds run with that prefix and may write to it; a second run finds it."""
-    import torch
-
-    prefix = tmp_path / "pycache"
-    probe = "import sys\nprint(f'bytecode: prefix={sys.pycache_prefix} dont_write={sys.flags.dont_write_bytecode}')\n"
-    (repo / "probe_train.py").write_text(probe + FAKE_TRAINER)
-    env = dict(SMOKE="1", SEEDS="1", TRAIN_SCRIPT="probe_train.py", PYTHONPYCACHEPREFIX=str(prefix),
-               PYTHONDONTWRITEBYTECODE="1")
-    proc = run_sh(repo, NAME="b1", **env)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert f"torch's bytecode is not cached; compiling {os.path.dirname(torch.__file__)}" in proc.stdout
-    saved, sys.pycache_prefix = sys.pycache_prefix, str(prefix)
-    try:
-        assert os.path.isfile(importlib.util.cache_from_source(torch.__file__))
-    finally:
-        sys.pycache_prefix = saved
-    console = (repo / "runs" / "b1" / "seed_1" / "console.log").read_text()
-    assert f"bytecode: prefix={prefix} dont_write=0" in console
-    proc = run_sh(repo, NAME="b2", **env)
-    assert proc.returncode == 0 and "bytecode is not cached" not in proc.stdout, proc.stdout + proc.stderr
-    assert "dont_write=1" in (repo / "runs" / "b2" / "seed_1" / "console.log").read_text()  # the caller's setting
 
 
 def test_real_smoke_two_seeds(tmp_path):
