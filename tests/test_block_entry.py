@@ -183,8 +183,8 @@ def test_default_tiles_compile_for_hopper_without_spills(skip, pass_x, split_u, 
     fp32 = ("mix_ptr", "ln_ptr", "gate_ptr", "weight_ptr", "sums_ptr")
     runtime = {**{n: "*bf16" for n in bf16}, **{n: "*fp32" for n in fp32}, "n_rows": "i32"}
     signature = {name: runtime.get(name, "constexpr") for name in tg._block_entry_bwd_kernel.arg_names}
-    constants = dict(D=512, GATE_COLS=tg.ATTN_GATE_WINDOW, SKIP=skip, PASS_X=pass_x, SPLIT_U=split_u, ROWS=cfg["ROWS"], PROGRAMS=132 * cfg["PER_SM"],
-                     ITERS=8, STAGES=cfg["STAGES"])
+    constants = dict(D=512, GATE_COLS=tg.ATTN_GATE_WINDOW, SKIP=skip, PASS_X=pass_x, SPLIT_U=split_u,
+                     ROWS=cfg["ROWS"], PROGRAMS=132 * cfg["PER_SM"], ITERS=8, STAGES=cfg["STAGES"])
     kernel = triton.compile(ASTSource(fn=tg._block_entry_bwd_kernel, signature=signature, constexprs=constants),
                             target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg["num_warps"]})
     ptx = tmp_path / "kernel.ptx"
