@@ -1,7 +1,7 @@
 """Start-up. The kernel warm-up (section 5): processes beside the trainer compile FA4's and the fused Triton kernels
 into their disk caches, with the trainer's settings and a training micro-batch's shapes; the trainer's first kernel
 call waits for them. Torch's bytecode compiled where Python finds none. (The compiles themselves, and the cold start
-they save, are measured on the GPU: README, Measured.)"""
+they save, are measured on the GPU: README, Measured, and bench/RESULTS.md.)"""
 import torch
 
 import train_gpt as tg
