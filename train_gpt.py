@@ -43,13 +43,19 @@ def bytecode_cached(module_file: str) -> bool:
     return os.path.exists(importlib.util.cache_from_source(module_file))
 
 
-def keep_torch_bytecode() -> str | None:
+class BytecodeCache(NamedTuple):
+    folder: str  # PYTHONPYCACHEPREFIX, as set for this process and the processes it starts
+    compiled_s: float | None  # seconds spent compiling torch, Triton and SymPy there; None: found there
+
+
+def keep_torch_bytecode() -> BytecodeCache | None:
     """Where Python finds no bytecode for torch (an image with PYTHONDONTWRITEBYTECODE=1, torch installed by uv), every
     process compiles torch's sources as it imports them: 16 s of the cold start on an H100 host (README: compile
     cache). Then torch, Triton and SymPy are compiled once, into PYTHONPYCACHEPREFIX (default
-    ~/.cache/parameter-golf/pycache): 5 s on 16 cores, by one process while the machine's other ranks wait. Python
-    keeps what else it compiles there too, and the processes started later inherit the setting. Returns that folder
-    where torch's bytecode was missing, else None. Must run before torch is imported."""
+    ~/.cache/parameter-golf/pycache): 3-5 s on 16 cores, by one process while the machine's other ranks wait. Python
+    keeps what else it compiles there too, and the processes started later inherit the setting. Returns that folder,
+    and how long compiling took where this run did it, where torch has no bytecode beside its sources; else None. Must
+    run before torch is imported."""
     spec = importlib.util.find_spec("torch")
     if spec is None or not spec.origin or bytecode_cached(spec.origin):
         return None
@@ -64,15 +70,17 @@ def keep_torch_bytecode() -> str | None:
     sys.pycache_prefix, sys.dont_write_bytecode = prefix, False
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not bytecode_cached(spec.origin):
-            packages = [os.path.dirname(s.origin) for s in map(importlib.util.find_spec, ("torch", "triton", "sympy"))
-                        if s is not None and s.origin]
-            subprocess.run([sys.executable, "-m", "compileall", "-qq", "-j", "0", *packages],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return prefix
+        if bytecode_cached(spec.origin):  # now looked up under the prefix: an earlier run or rank compiled it
+            return BytecodeCache(prefix, None)
+        t0 = time.perf_counter()
+        packages = [os.path.dirname(s.origin) for s in map(importlib.util.find_spec, ("torch", "triton", "sympy"))
+                    if s is not None and s.origin]
+        subprocess.run([sys.executable, "-m", "compileall", "-qq", "-j", "0", *packages],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return BytecodeCache(prefix, time.perf_counter() - t0)
 
 
-BYTECODE_KEPT_IN = keep_torch_bytecode()
+BYTECODE_CACHE = keep_torch_bytecode()
 
 import numpy as np
 import torch
@@ -3998,9 +4006,13 @@ def log_compile_cache(hp: Hyperparameters, ctx: RunContext) -> None:
 
 
 def log_bytecode_cache(ctx: RunContext) -> None:
-    if BYTECODE_KEPT_IN:
-        ctx.log(f"python_bytecode: torch had no compiled bytecode; compiled into {BYTECODE_KEPT_IN} "
-                "(PYTHONPYCACHEPREFIX) at start-up (README: compile cache)")
+    kept = BYTECODE_CACHE
+    if kept and kept.compiled_s is None:
+        ctx.log(f"python_bytecode: torch has none beside its sources; found in {kept.folder} (PYTHONPYCACHEPREFIX; "
+                "README: compile cache)")
+    elif kept:
+        ctx.log(f"python_bytecode: torch had no compiled bytecode; compiled torch, Triton and SymPy into {kept.folder} "
+                f"in {kept.compiled_s:.1f}s (PYTHONPYCACHEPREFIX; README: compile cache)")
     elif not bytecode_cached(torch.__file__):
         ctx.log("python_bytecode: WARNING torch has no compiled bytecode and the cache folder is not writable, so every "
                 "process compiles torch's sources (~16 s of the cold start on an H100 host); set PYTHONPYCACHEPREFIX "

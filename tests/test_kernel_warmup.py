@@ -119,8 +119,11 @@ def test_bytecode_cached_sees_pycache_and_the_prefix(tmp_path, monkeypatch):
 def test_torch_bytecode_is_compiled_where_python_finds_none(tmp_path):
     """An image without torch's bytecode (here: an empty PYTHONPYCACHEPREFIX, and PYTHONDONTWRITEBYTECODE=1): loading
     the script compiles torch into the prefix, inductor's modules too (not imported by `import torch`), and has Python
-    write there, which the processes it starts inherit; the next load finds the bytecode and changes nothing."""
+    write there, which the processes it starts inherit; the next load finds the bytecode and changes nothing. Where
+    torch has none beside its sources and the folder is filled (the default folder on the next run), it is used and
+    logged as found, not compiled again."""
     import os
+    import re
     import subprocess
     import sys
 
@@ -128,14 +131,16 @@ def test_torch_bytecode_is_compiled_where_python_finds_none(tmp_path):
     env = {**os.environ, "PYTHONPYCACHEPREFIX": str(prefix), "PYTHONDONTWRITEBYTECODE": "1"}
     load = ("import os, runpy, sys; g = runpy.run_path(sys.argv[1], run_name='probe'); logged = []; "
             "g['log_bytecode_cache'](type('Ctx', (), {'log': staticmethod(logged.append)})()); "
-            "print(g['BYTECODE_KEPT_IN'], os.environ.get('PYTHONDONTWRITEBYTECODE'), sys.dont_write_bytecode); "
+            "c = g['BYTECODE_CACHE']; print(c and c.folder, os.environ.get('PYTHONDONTWRITEBYTECODE'), "
+            "sys.dont_write_bytecode, sys.pycache_prefix); "
             "print(*logged)")
     run = [sys.executable, "-c", load, tg.__file__]
     first = subprocess.run(run, env=env, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr
     state, log = first.stdout.split("\n")[:2]
-    assert state.split() == [str(prefix), "None", "False"]
-    assert log.startswith(f"python_bytecode: torch had no compiled bytecode; compiled into {prefix} ")
+    assert state.split() == [str(prefix), "None", "False", str(prefix)]
+    assert re.match(rf"python_bytecode: torch had no compiled bytecode; compiled torch, Triton and SymPy into "
+                    rf"{re.escape(str(prefix))} in \d+\.\ds ", log), log
     torch_dir = os.path.dirname(torch.__file__)
     saved, sys.pycache_prefix = sys.pycache_prefix, str(prefix)
     try:
@@ -144,13 +149,21 @@ def test_torch_bytecode_is_compiled_where_python_finds_none(tmp_path):
     finally:
         sys.pycache_prefix = saved
     second = subprocess.run(run, env=env, capture_output=True, text=True, timeout=600)
-    assert second.returncode == 0 and second.stdout.split("\n")[:2] == ["None 1 True", ""], second.stderr
+    assert second.returncode == 0 and second.stdout.split("\n")[:2] == [f"None 1 True {prefix}", ""], second.stderr
+    # -X pycache_prefix outranks the variable: torch's own lookup finds nothing, the script's folder is filled
+    found = subprocess.run([sys.executable, "-X", f"pycache_prefix={tmp_path / 'none'}", *run[1:]], env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert found.returncode == 0, found.stderr
+    state, log = found.stdout.split("\n")[:2]
+    assert state.split() == [str(prefix), "None", "False", str(prefix)]
+    assert log.startswith(f"python_bytecode: torch has none beside its sources; found in {prefix} "), log
     (tmp_path / "file").write_text("")  # a prefix that cannot be created: start as before, with the warning
     unusable = subprocess.run(run, env={**env, "PYTHONPYCACHEPREFIX": str(tmp_path / "file" / "pycache")},
                               capture_output=True, text=True, timeout=600)
     assert unusable.returncode == 0, unusable.stderr
     state, log = unusable.stdout.split("\n")[:2]
-    assert state == "None 1 True" and log.startswith("python_bytecode: WARNING torch has no compiled bytecode")
+    assert state == f"None 1 True {tmp_path / 'file' / 'pycache'}"
+    assert log.startswith("python_bytecode: WARNING torch has no compiled bytecode")
 
 
 def test_warmup_runs_from_the_lzma_wrapped_script_of_a_records_folder(tmp_path, monkeypatch):
