@@ -53,9 +53,9 @@ def keep_torch_bytecode() -> BytecodeCache | None:
     process compiles torch's sources as it imports them: 16 s of the cold start on an H100 host (README: compile
     cache). Then torch, Triton and SymPy are compiled once, into PYTHONPYCACHEPREFIX (default
     ~/.cache/parameter-golf/pycache): 3-5 s on 16 cores, by one process while the machine's other ranks wait. Python
-    keeps what else it compiles there too, and the processes started later inherit the setting. Returns that folder,
-    and how long compiling took where this run did it, where torch has no bytecode beside its sources; else None. Must
-    run before torch is imported."""
+    keeps what else it compiles there too, and the processes started later inherit the setting. Where torch has no
+    bytecode beside its sources, returns that folder and this run's compile time (None: found there); else None.
+    Must run before torch is imported."""
     spec = importlib.util.find_spec("torch")
     if spec is None or not spec.origin or bytecode_cached(spec.origin):
         return None
@@ -73,7 +73,7 @@ def keep_torch_bytecode() -> BytecodeCache | None:
         if bytecode_cached(spec.origin):  # now looked up under the prefix: an earlier run or rank compiled it
             return BytecodeCache(prefix, None)
         t0 = time.perf_counter()
-        packages = [os.path.dirname(s.origin) for s in map(importlib.util.find_spec, ("torch", "triton", "sympy"))
+        packages = [os.path.dirname(s.origin) for s in (spec, *map(importlib.util.find_spec, ("triton", "sympy")))
                     if s is not None and s.origin]
         subprocess.run([sys.executable, "-m", "compileall", "-qq", "-j", "0", *packages],
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
